@@ -1,0 +1,43 @@
+// Shared argument checks and panel sizing for the CPU kernels.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace softtf::cpu {
+
+// Accumulation dtype: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (used by gradcheck).
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+inline void check_weight_mask(const char* op, const at::Tensor& weight, const at::Tensor& mask,
+                              const char* mask_name = "mask") {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  TORCH_CHECK(mask.sizes() == weight.sizes(), op, ": ", mask_name,
+              " must have weight's shape ", weight.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(is_float_type(mask.scalar_type()), op, ": ", mask_name,
+              " must be float32, bfloat16, float16 or float64, got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == weight.device(), op, ": ", mask_name, " is on ", mask.device(),
+              " but weight is on ", weight.device());
+}
+
+// Rows (or columns) per panel so that one panel of the masked weight stays in L2 (~512 KiB).
+inline int64_t panel_size(int64_t other_dim, int64_t elem_size, int64_t total) {
+  constexpr int64_t kPanelBytes = 512 * 1024;
+  int64_t p = kPanelBytes / std::max<int64_t>(1, other_dim * elem_size);
+  p = std::max<int64_t>(16, (p / 16) * 16);
+  return std::min(p, total);
+}
+
+// x viewed as [tokens, features] with unit stride on features, copying only when it must.
+inline at::Tensor as_2d(const at::Tensor& t) {
+  auto t2 = t.reshape({-1, t.size(-1)});
+  if (t2.stride(1) != 1) t2 = t2.contiguous();
+  return t2;
+}
+
+}  // namespace softtf::cpu

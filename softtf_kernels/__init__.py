@@ -1,0 +1,39 @@
+"""softtf_kernels: the fused masked-linear ops of softtf, registered as ``torch.ops.softtf.*``.
+
+Importing this package loads the compiled extension (schemas + C++ kernels) and registers the
+Python dispatch, fake kernels and autograd. It knows nothing about tasks, models or training.
+"""
+from __future__ import annotations
+
+try:
+    from . import _C  # noqa: F401  (registers the op schemas and the C++ kernels)
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "softtf_kernels._C is not built. Install the package with "
+        "`pip install --no-build-isolation -e .` after installing torch (see README)."
+    ) from exc
+
+from . import _registry  # noqa: E402,F401
+from . import reference  # noqa: E402
+from .backend import (  # noqa: E402
+    BACKENDS,
+    available_backends,
+    cpp_available,
+    cuda_available,
+    get_backend,
+    set_backend,
+    triton_available,
+    use_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "cpp_available",
+    "cuda_available",
+    "get_backend",
+    "reference",
+    "set_backend",
+    "triton_available",
+    "use_backend",
+]

@@ -1,0 +1,150 @@
+"""Argument checks shared by every backend and the fake kernels.
+
+Each check raises with the op, the argument and what was expected, so a user sees the same
+message whichever backend runs. Nothing is broadcast or cast silently.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _float(op: str, name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def _same_device(op: str, ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _weight(op: str, weight: Tensor) -> tuple[int, int]:
+    _float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    return weight.shape[0], weight.shape[1]
+
+
+def _activation(op: str, name: str, t: Tensor, feat: int, weight: Tensor, what: str) -> None:
+    _float(op, name, t)
+    if t.dim() < 1 or t.shape[-1] != feat:
+        raise ValueError(f"{op}: {name} must have last dim {feat} ({what}), got shape {tuple(t.shape)}")
+    if t.dtype != weight.dtype:
+        raise TypeError(f"{op}: {name} dtype {t.dtype} must equal weight dtype {weight.dtype}")
+
+
+def _mask(op: str, name: str, mask: Tensor, weight: Tensor) -> None:
+    _float(op, name, mask)
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"{op}: {name} must have weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+
+
+def _masks(op: str, masks: Tensor, weight: Tensor) -> int:
+    _float(op, "masks", masks)
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != tuple(weight.shape):
+        raise ValueError(
+            f"{op}: masks must have shape [T, {weight.shape[0]}, {weight.shape[1]}], got {tuple(masks.shape)}"
+        )
+    if masks.shape[0] == 0:
+        raise ValueError(f"{op}: masks must hold at least one task, got shape {tuple(masks.shape)}")
+    return masks.shape[0]
+
+
+def _bias(op: str, bias: Tensor | None, out_f: int, x: Tensor) -> None:
+    if bias is None:
+        return
+    _float(op, "bias", bias)
+    if bias.dim() != 1 or bias.shape[0] != out_f:
+        raise ValueError(f"{op}: bias must have shape [{out_f}], got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{op}: bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+
+
+def _leading(op: str, a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if tuple(a.shape[:-1]) != tuple(b.shape[:-1]):
+        raise ValueError(
+            f"{op}: {a_name} and {b_name} must have the same leading dims, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def masked_linear(x, weight, mask, bias=None) -> None:
+    op = "softtf.masked_linear"
+    out_f, in_f = _weight(op, weight)
+    _activation(op, "x", x, in_f, weight, "weight.shape[1]")
+    _mask(op, "mask", mask, weight)
+    _bias(op, bias, out_f, x)
+    _same_device(op, "weight", weight, x=x, mask=mask, bias=bias)
+
+
+def masked_linear_grad_input(grad_out, weight, mask) -> None:
+    op = "softtf.masked_linear_grad_input"
+    out_f, _ = _weight(op, weight)
+    _activation(op, "grad_out", grad_out, out_f, weight, "weight.shape[0]")
+    _mask(op, "mask", mask, weight)
+    _same_device(op, "weight", weight, grad_out=grad_out, mask=mask)
+
+
+def masked_linear_grad_mask(grad_out, x, weight, mask_dtype) -> None:
+    op = "softtf.masked_linear_grad_mask"
+    out_f, in_f = _weight(op, weight)
+    _activation(op, "x", x, in_f, weight, "weight.shape[1]")
+    _activation(op, "grad_out", grad_out, out_f, weight, "weight.shape[0]")
+    _leading(op, "grad_out", grad_out, "x", x)
+    if mask_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: mask_dtype must be float32, bfloat16, float16 or float64, got {mask_dtype}")
+    _same_device(op, "weight", weight, grad_out=grad_out, x=x)
+
+
+def mask_mixture_grad(grad_out, x, weight, masks, per_sample) -> None:
+    op = "softtf.mask_mixture_grad"
+    out_f, in_f = _weight(op, weight)
+    _activation(op, "x", x, in_f, weight, "weight.shape[1]")
+    _activation(op, "grad_out", grad_out, out_f, weight, "weight.shape[0]")
+    _leading(op, "grad_out", grad_out, "x", x)
+    _masks(op, masks, weight)
+    if per_sample and x.dim() < 2:
+        raise ValueError(f"{op}: per_sample=True needs x of shape [B, ..., {in_f}], got {tuple(x.shape)}")
+    _same_device(op, "weight", weight, grad_out=grad_out, x=x, masks=masks)
+
+
+def _task_ids(op: str, task_ids: Tensor, batch: int, n_tasks: int, check_values: bool) -> None:
+    if not isinstance(task_ids, Tensor) or task_ids.dtype not in INDEX_DTYPES:
+        got = task_ids.dtype if isinstance(task_ids, Tensor) else type(task_ids).__name__
+        raise TypeError(f"{op}: task_ids must be an int64 or int32 tensor, got {got}")
+    if task_ids.dim() != 1 or task_ids.shape[0] != batch:
+        raise ValueError(f"{op}: task_ids must have shape [{batch}] (one id per sample), got {tuple(task_ids.shape)}")
+    if check_values and batch > 0:
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= n_tasks:
+            raise ValueError(f"{op}: task_ids must lie in [0, {n_tasks}), got values in [{lo}, {hi}]")
+
+
+def mixed_task_linear(x, weight, masks, task_ids, bias=None, check_values=True) -> None:
+    op = "softtf.mixed_task_linear"
+    out_f, in_f = _weight(op, weight)
+    _activation(op, "x", x, in_f, weight, "weight.shape[1]")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must have shape [B, ..., {in_f}], got {tuple(x.shape)}")
+    n_tasks = _masks(op, masks, weight)
+    _task_ids(op, task_ids, x.shape[0], n_tasks, check_values)
+    _bias(op, bias, out_f, x)
+    _same_device(op, "weight", weight, x=x, masks=masks, task_ids=task_ids, bias=bias)
+
+
+def mixed_task_linear_grad_input(grad_out, weight, masks, task_ids, check_values=True) -> None:
+    op = "softtf.mixed_task_linear_grad_input"
+    out_f, _ = _weight(op, weight)
+    _activation(op, "grad_out", grad_out, out_f, weight, "weight.shape[0]")
+    if grad_out.dim() < 2:
+        raise ValueError(f"{op}: grad_out must have shape [B, ..., {out_f}], got {tuple(grad_out.shape)}")
+    n_tasks = _masks(op, masks, weight)
+    _task_ids(op, task_ids, grad_out.shape[0], n_tasks, check_values)
+    _same_device(op, "weight", weight, grad_out=grad_out, masks=masks, task_ids=task_ids)

@@ -1,0 +1,164 @@
+"""Which implementation runs an op: chosen per call from the backend setting and the device.
+
+Setting (env ``SOFTTF_BACKEND`` at import, or :func:`set_backend` / :func:`use_backend`):
+
+- ``auto``      CPU tensors -> C++ CPU kernel; CUDA tensors -> Triton, else CUDA C++ if built.
+- ``cpp``       the C++ CPU kernel (CPU tensors only).
+- ``cuda``      the CUDA C++ kernel (CUDA tensors only; the extension must have been built with CUDA).
+- ``triton``    the Triton kernel (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1).
+- ``reference`` the pure-PyTorch oracle on any device.
+
+A backend that is named explicitly but cannot run on the tensors' device raises; it never
+silently hands the work to another kernel. Inputs a kernel does not support (for instance
+float64 on Triton) go to the reference, which is exact for them.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_backend = _check_name(os.environ.get("SOFTTF_BACKEND", "auto").strip().lower() or "auto", "SOFTTF_BACKEND")
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every later op call in this process."""
+    global _backend
+    _backend = _check_name(str(name).strip().lower(), "backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily choose a backend: ``with use_backend("reference"): ...``."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"softtf::{op}", key)
+    except RuntimeError:
+        return False
+
+
+def cpp_available(op: str = "masked_linear") -> bool:
+    return _has_kernel(f"_cpp_{op}", "CPU")
+
+
+def cuda_available(op: str = "masked_linear") -> bool:
+    """True when the extension was built with the CUDA kernels for ``op``."""
+    return _has_kernel(f"_cuda_{op}", "CUDA")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_impl(op: str) -> Callable:
+    from . import triton as triton_ops
+
+    fn = getattr(triton_ops, op, None)
+    if fn is None:
+        raise NotImplementedError(f"softtf.{op}: no Triton kernel yet; use backend 'reference'")
+    return fn
+
+
+def _reference_impl(op: str) -> Callable:
+    from . import reference
+
+    return getattr(reference, op)
+
+
+def available_backends(device: str | torch.device = "cpu", op: str = "masked_linear") -> list[str]:
+    """Backends that can run ``op`` on tensors of ``device`` here."""
+    dev = torch.device(device).type
+    names = []
+    if dev == "cpu" and cpp_available(op):
+        names.append("cpp")
+    if dev == "cuda" and cuda_available(op):
+        names.append("cuda")
+    if triton_available() and (dev == "cuda" or (dev == "cpu" and triton_interpreter())):
+        from . import triton as triton_ops
+
+        if hasattr(triton_ops, op):
+            names.append("triton")
+    names.append("reference")
+    return names
+
+
+def resolve(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> tuple[str, Callable]:
+    """(backend name, implementation) for one call of ``op`` on ``device``."""
+    name = get_backend()
+    dev = device.type
+    if name == "auto":
+        if dev == "cpu":
+            name = "cpp" if cpp_available(op) else "reference"
+        elif dev == "cuda":
+            if triton_available() and torch.float64 not in dtypes:
+                name = "triton"
+            elif cuda_available(op):
+                name = "cuda"
+            else:
+                name = "reference"
+        else:
+            name = "reference"
+    if name == "reference":
+        return name, _reference_impl(op)
+    if name == "cpp":
+        if dev != "cpu":
+            raise RuntimeError(f"softtf.{op}: backend 'cpp' runs CPU tensors only, got {device} tensors")
+        if not cpp_available(op):
+            raise RuntimeError(f"softtf.{op}: the C++ CPU kernel is not built into softtf_kernels._C")
+        return name, getattr(torch.ops.softtf, f"_cpp_{op}")
+    if name == "cuda":
+        if dev != "cuda":
+            raise RuntimeError(f"softtf.{op}: backend 'cuda' runs CUDA tensors only, got {device} tensors")
+        if not cuda_available(op):
+            raise RuntimeError(
+                f"softtf.{op}: softtf_kernels._C was built without CUDA kernels for this op "
+                "(reinstall with SOFTTF_FORCE_CUDA=1, see README)"
+            )
+        if torch.float64 in dtypes:
+            return "reference", _reference_impl(op)
+        return name, getattr(torch.ops.softtf, f"_cuda_{op}")
+    # triton
+    if not triton_available():
+        raise RuntimeError(f"softtf.{op}: backend 'triton' needs the triton package (pip install triton)")
+    if dev == "cpu" and not triton_interpreter():
+        raise RuntimeError(
+            f"softtf.{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    if dev not in ("cpu", "cuda"):
+        raise RuntimeError(f"softtf.{op}: backend 'triton' does not run {device} tensors")
+    if torch.float64 in dtypes:
+        return "reference", _reference_impl(op)
+    return name, _triton_impl(op)
