@@ -1,0 +1,233 @@
+"""SoftLinear: a frozen nn.Linear with one learnable soft mask per task (Soft-TransFormers).
+
+    y = x (W ⊙ M_t)^T + b
+
+The base layer's parameters never train. Each task owns a real-valued mask shaped like W; the
+mask of the task being trained is an fp32 ``nn.Parameter``; once frozen it moves into a stacked
+buffer ``frozen_masks`` [T, out, in] stored in ``mask_dtype`` (bf16/fp16 halve the bytes per task).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+import softtf_kernels  # noqa: F401  (registers torch.ops.softtf)
+
+__all__ = ["SoftLinear", "MaskInit"]
+
+MaskInit = Any  # "ones" | ("uniform", low, high)
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+_MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MODES = ("single", "disabled", "superposed", "per_sample")
+
+
+def _train_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # Masks train in fp32 (fp64 for fp64 models): bf16 parameters would swallow small Adam steps.
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+def init_mask(shape: Sequence[int], init: MaskInit, dtype: torch.dtype, device, generator=None) -> Tensor:
+    """A new mask: ``"ones"`` (reproduces the pretrained layer) or ``("uniform", low, high)``."""
+    if isinstance(init, str) and init == "ones":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if isinstance(init, (tuple, list)) and len(init) == 3 and init[0] == "uniform":
+        low, high = float(init[1]), float(init[2])
+        if not low <= high:
+            raise ValueError(f"init: uniform bounds must satisfy low <= high, got ({low}, {high})")
+        m = torch.empty(shape, dtype=dtype, device=device)
+        return m.uniform_(low, high, generator=generator)
+    raise ValueError(f"init must be 'ones' or ('uniform', low, high), got {init!r}")
+
+
+class SoftLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` and applies the active task's soft mask to its weight.
+
+    Args:
+        base_layer: the pretrained ``nn.Linear``; its parameters are frozen in place.
+        mask_dtype: dtype of frozen masks (default: the weight's dtype). Trainable masks are fp32.
+    """
+
+    def __init__(self, base_layer: nn.Linear, mask_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SoftLinear: base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        mask_dtype = base_layer.weight.dtype if mask_dtype is None else mask_dtype
+        if mask_dtype not in _MASK_DTYPES:
+            raise TypeError(f"SoftLinear: mask_dtype must be one of {_MASK_DTYPES}, got {mask_dtype}")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.mask_dtype = mask_dtype
+        self.masks = nn.ParameterDict()  # unfrozen tasks
+        w = base_layer.weight
+        self.register_buffer("frozen_masks", torch.empty(0, *w.shape, dtype=mask_dtype, device=w.device))
+        self._frozen: list[str] = []  # names of frozen_masks rows, in order
+        self._order: list[str] = []  # every task, in the order added
+        self.active_task: str | None = None
+        self.mode = "single"
+        self._alpha: Tensor | None = None  # superposed mode: one coefficient per task of self.tasks
+        self._task_ids: Tensor | None = None  # per-sample mode: one index into self.tasks per sample
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every task, in the order it was added."""
+        return list(self._order)
+
+    @property
+    def frozen_tasks(self) -> list[str]:
+        return list(self._frozen)
+
+    def is_frozen(self, name: str) -> bool:
+        self._check_known(name)
+        return name in self._frozen
+
+    # ------------------------------------------------------------------ task lifecycle
+    def _check_known(self, name: str) -> None:
+        if name not in self._order:
+            known = ", ".join(self._order) or "none"
+            raise KeyError(f"SoftLinear: unknown task {name!r} (known tasks: {known})")
+
+    def add_task(self, name: str, init: MaskInit = "ones", generator: torch.Generator | None = None) -> None:
+        """Add a task with a fresh trainable mask and make it the active task."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"SoftLinear: task name must match [A-Za-z0-9_-]+, got {name!r}")
+        if name in self._order:
+            raise ValueError(f"SoftLinear: task {name!r} already exists")
+        w = self.weight
+        mask = init_mask(w.shape, init, _train_dtype(w.dtype), w.device, generator)
+        self.masks[name] = nn.Parameter(mask)
+        self._order.append(name)
+        self.set_task(name)
+
+    def set_task(self, name: str, train: bool | None = None) -> None:
+        """Make ``name`` the active task (single-task mode). Its mask trains unless it is frozen."""
+        self._check_known(name)
+        frozen = name in self._frozen
+        if train and frozen:
+            raise ValueError(f"SoftLinear: task {name!r} is frozen; its mask cannot be trained (add a new task)")
+        train = (not frozen) if train is None else train
+        for n, p in self.masks.items():
+            p.requires_grad_(bool(train) and n == name)
+        self.active_task = name
+        self.mode = "single"
+        self._alpha = self._task_ids = None
+
+    def freeze_task(self, name: str) -> None:
+        """Move a trained mask into the frozen store (in ``mask_dtype``); it never trains again."""
+        self._check_known(name)
+        if name in self._frozen:
+            raise ValueError(f"SoftLinear: task {name!r} is already frozen")
+        mask = self.masks.pop(name).detach().to(self.mask_dtype)
+        self.frozen_masks = torch.cat([self.frozen_masks, mask.unsqueeze(0)], 0)
+        self._frozen.append(name)
+
+    def delete_task(self, name: str) -> None:
+        self._check_known(name)
+        if name in self._frozen:
+            i = self._frozen.index(name)
+            self.frozen_masks = torch.cat([self.frozen_masks[:i], self.frozen_masks[i + 1 :]], 0)
+            self._frozen.pop(i)
+        else:
+            del self.masks[name]
+        self._order.remove(name)
+        if self.active_task == name:
+            self.active_task = None
+        self._alpha = self._task_ids = None
+        if self.mode in ("superposed", "per_sample"):
+            self.mode = "single"
+
+    def mask(self, name: str) -> Tensor:
+        """The mask of task ``name`` (the trainable Parameter, or a row of the frozen store)."""
+        self._check_known(name)
+        if name in self._frozen:
+            return self.frozen_masks[self._frozen.index(name)]
+        return self.masks[name]
+
+    def stacked_masks(self, names: Sequence[str] | None = None) -> Tensor:
+        """Masks of ``names`` (default: all tasks) stacked into [T, out, in], in ``mask_dtype``."""
+        names = self.tasks if names is None else list(names)
+        if not names:
+            raise ValueError("SoftLinear: no tasks to stack")
+        if list(names) == self._frozen:
+            return self.frozen_masks
+        return torch.stack([self.mask(n).to(self.mask_dtype) for n in names])
+
+    # ------------------------------------------------------------------ modes
+    def disable_masks(self) -> None:
+        """Run exactly the base layer (the pretrained model) until a task is selected again."""
+        self.mode = "disabled"
+
+    def enable_masks(self) -> None:
+        self.mode = "single"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "disabled" or (self.mode == "single" and self.active_task is None):
+            return self.base_layer(x)
+        if self.mode == "single":
+            return torch.ops.softtf.masked_linear(x, self.weight, self.mask(self.active_task), self.bias)
+        raise RuntimeError(f"SoftLinear: mode {self.mode!r} is not available")
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict:
+        return {
+            "tasks": list(self._order),
+            "frozen": list(self._frozen),
+            "active_task": self.active_task,
+            "mode": "disabled" if self.mode == "disabled" else "single",
+            "mask_dtype": str(self.mask_dtype).removeprefix("torch."),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self._order = list(state["tasks"])
+        self._frozen = list(state["frozen"])
+        self.active_task = state["active_task"]
+        self.mode = state["mode"]
+        self.mask_dtype = getattr(torch, state["mask_dtype"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Recreate the trainable-mask slots and the frozen store's shape so load_state_dict fills them.
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            w = self.weight
+            for name in list(self.masks.keys()):
+                del self.masks[name]
+            for name in extra["tasks"]:
+                if name not in extra["frozen"]:
+                    self.masks[name] = nn.Parameter(torch.empty(w.shape, dtype=_train_dtype(w.dtype), device=w.device))
+            frozen = state_dict.get(prefix + "frozen_masks")
+            if frozen is not None:
+                self.frozen_masks = torch.empty_like(frozen, device=w.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if extra is not None and self.active_task is not None and self.mode != "disabled":
+            self.set_task(self.active_task)
+
+    def extra_repr(self) -> str:
+        tasks = ", ".join(
+            f"{n} ({'frozen ' + str(self.mask_dtype) if n in self._frozen else 'trainable ' + str(self.masks[n].dtype)})"
+            for n in self._order
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight_dtype={self.weight.dtype}, mask_dtype={self.mask_dtype}, tasks=[{tasks}], "
+            f"active={self.active_task}, mode={self.mode}"
+        )
