@@ -94,34 +94,36 @@ def _weight_grad(dy: Tensor, x: Tensor, mask: Tensor, weight: Tensor) -> Tensor:
 
 
 def _ml_setup(ctx, inputs, output):
-    x, weight, mask, bias = inputs
+    x, weight, mask, *rest = inputs  # bias may be omitted (schema default)
     ctx.save_for_backward(x, weight, mask)
-    ctx.has_bias = bias is not None
+    ctx.has_bias = bool(rest) and rest[0] is not None
 
 
 def _ml_backward(ctx, dy):
     x, weight, mask = ctx.saved_tensors
-    need_x, need_w, need_m, need_b = ctx.needs_input_grad
+    need_x, need_w, need_m, *need_rest = ctx.needs_input_grad
+    need_b = bool(need_rest) and need_rest[0]
     dy = dy.contiguous() if dy.stride(-1) != 1 else dy
     dx = torch.ops.softtf.masked_linear_grad_input(dy, weight, mask) if need_x else None
     dw = _weight_grad(dy, x, mask, weight) if need_w else None
     dm = torch.ops.softtf.masked_linear_grad_mask(dy, x, weight, mask.dtype) if need_m else None
     db = _flat(dy).sum(0) if (ctx.has_bias and need_b) else None
-    return dx, dw, dm, db
+    return (dx, dw, dm, db)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("softtf::masked_linear", _ml_backward, setup_context=_ml_setup, lib=_lib)
 
 
 def _mt_setup(ctx, inputs, output):
-    x, weight, masks, task_ids, bias = inputs
+    x, weight, masks, task_ids, *rest = inputs
     ctx.save_for_backward(x, weight, masks, task_ids)
-    ctx.has_bias = bias is not None
+    ctx.has_bias = bool(rest) and rest[0] is not None
 
 
 def _mt_backward(ctx, dy):
     x, weight, masks, task_ids = ctx.saved_tensors
-    need_x, need_w, need_m, _, need_b = ctx.needs_input_grad
+    need_x, need_w, need_m, _, *need_rest = ctx.needs_input_grad
+    need_b = bool(need_rest) and need_rest[0]
     dx = torch.ops.softtf.mixed_task_linear_grad_input(dy, weight, masks, task_ids) if need_x else None
     dw = None
     if need_w:
@@ -136,7 +138,7 @@ def _mt_backward(ctx, dy):
             rows = (task_ids == t).nonzero().squeeze(1)
             dm[t] = torch.ops.softtf.masked_linear_grad_mask(dy[rows], x[rows], weight, masks.dtype)
     db = _flat(dy).sum(0) if (ctx.has_bias and need_b) else None
-    return dx, dw, dm, None, db
+    return (dx, dw, dm, None, db)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("softtf::mixed_task_linear", _mt_backward, setup_context=_mt_setup, lib=_lib)

@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <limits>
+
 namespace softtf::cpu {
 
 // Accumulation dtype: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (used by gradcheck).
@@ -38,6 +41,15 @@ inline at::Tensor as_2d(const at::Tensor& t) {
   auto t2 = t.reshape({-1, t.size(-1)});
   if (t2.stride(1) != 1) t2 = t2.contiguous();
   return t2;
+}
+
+// Tests set SOFTTF_POISON_OUTPUTS=1 so that every output starts as NaN: an element a kernel
+// forgets to write then fails the oracle comparison instead of passing on lucky zeros.
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  auto t = at::empty(shape, opts.memory_format(at::MemoryFormat::Contiguous));
+  const char* p = std::getenv("SOFTTF_POISON_OUTPUTS");
+  if (p != nullptr && p[0] == '1') t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 }  // namespace softtf::cpu

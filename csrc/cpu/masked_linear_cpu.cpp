@@ -40,7 +40,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   }
   auto out_shape = x.sizes().vec();
   out_shape.back() = out_f;
-  auto y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto y = new_output(out_shape, x.options());
   auto x2 = as_2d(x);
   auto y2 = y.view({-1, out_f});
   if (x2.size(0) == 0) return y;
@@ -69,7 +69,7 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   check_x(op, "grad_out", grad_out, weight, out_f);
   auto dx_shape = grad_out.sizes().vec();
   dx_shape.back() = in_f;
-  auto dx = at::empty(dx_shape, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dx = new_output(dx_shape, grad_out.options());
   auto dy2 = as_2d(grad_out);
   auto dx2 = dx.view({-1, in_f});
   if (dy2.size(0) == 0) return dx;
@@ -100,7 +100,7 @@ at::Tensor masked_linear_grad_mask(const at::Tensor& grad_out, const at::Tensor&
   TORCH_CHECK(grad_out.numel() / out_f == x.numel() / in_f, op,
               ": grad_out and x must have the same leading dims, got ", grad_out.sizes(),
               " and ", x.sizes());
-  auto dm = at::empty({out_f, in_f}, weight.options().dtype(mask_dtype));
+  auto dm = new_output({out_f, in_f}, weight.options().dtype(mask_dtype));
   const auto acc = acc_dtype(x.scalar_type());
   // dy^T x accumulates over every token: do it in the accumulation dtype, round once at the end.
   auto dy2 = as_2d(grad_out).to(acc);

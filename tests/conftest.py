@@ -1,0 +1,25 @@
+import os
+
+# Kernels fill their outputs with NaN before computing, so unwritten elements fail the oracle.
+os.environ.setdefault("SOFTTF_POISON_OUTPUTS", "1")
+
+import pytest
+import torch
+
+import softtf_kernels
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Tests may switch backends; every test starts and ends on the session's setting."""
+    before = softtf_kernels.get_backend()
+    yield
+    softtf_kernels.set_backend(before)
+
+
+@pytest.fixture
+def gen():
+    # Fresh inputs every run; the seed is printed so pytest shows it with a failure.
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    return torch.Generator().manual_seed(seed)
