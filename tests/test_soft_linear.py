@@ -6,7 +6,7 @@ from torch import nn
 import softtf
 from softtf import SoftLinear
 
-from helpers import rand
+from helpers import assert_close_rel, rand
 
 
 def _layer(gen, fin=12, fout=7, bias=True, dtype=torch.float32, mask_dtype=None):
@@ -32,7 +32,8 @@ def test_ones_mask_reproduces_base_layer(gen):
     layer = _layer(gen, fin=257, fout=129)
     layer.add_task("a")
     x = rand((2, 9, 257), torch.float32, gen)
-    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=1e-6, atol=1e-6)
+    # Same math, different summation order (blocked kernel vs BLAS): equal to fp32 rounding.
+    assert_close_rel(layer(x), layer.base_layer(x).double(), torch.float32, "ones mask")
 
 
 def test_forward_is_masked_linear(gen):
