@@ -1,0 +1,331 @@
+"""Triton kernels against the float64 oracle on CPU, through the Triton interpreter.
+
+The interpreter is chosen when the kernels are decorated, so this module imports them with
+TRITON_INTERPRET=1 before anything else can. If another module of this pytest process already
+built them for a GPU, the module reruns itself in a subprocess instead (one test) so it never
+mixes modes. The variable is restored after the import and only set around each test, so other
+test modules do not see it.
+
+Shapes stay small (the interpreter runs tiles in numpy); the interpreter has no bf16, which
+tests/test_triton_gpu.py covers on a GPU.
+"""
+import os
+import subprocess
+import sys
+
+_kmod = sys.modules.get("softtf_kernels.triton._kernels")
+if _kmod is None:
+    _before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import softtf_kernels.triton._kernels as _kmod  # noqa: E402  (decorates the kernels now)
+    finally:
+        if _before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _before
+RUN_HERE = bool(_kmod.INTERPRET)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import softtf_kernels  # noqa: E402
+import softtf_kernels.triton as T  # noqa: E402
+from softtf_kernels import reference as R  # noqa: E402
+from softtf_kernels.triton import _ops  # noqa: E402
+
+from helpers import assert_close_rel, rand, rand_mask  # noqa: E402
+
+here = pytest.mark.skipif(
+    not RUN_HERE, reason="triton kernels were built for a GPU in this process; rerun in a subprocess (below)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    # The dispatcher reads TRITON_INTERPRET per call; outputs start as NaN (unwritten -> fail).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SOFTTF_POISON_OUTPUTS", "1")
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+# (x factory, in, out): one token, odd sizes that straddle the 32-wide interpreter tiles, 3-D,
+# even K (the unmasked-K path).
+SHAPES = [((1,), 67, 45), ((2, 5), 67, 45), ((3, 7), 64, 96), ((37,), 80, 33)]
+DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16),
+          (torch.float16, torch.float16), (torch.float16, torch.float32)]
+
+
+def _noncontig(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Same values as ``t`` in a strided layout: 'T' = transposed leading dims, 'slice' = a
+    column slice of a wider buffer (row stride != last dim), 'both' = both."""
+    if kind == "contig":
+        return t
+    if kind in ("T", "both") and t.dim() >= 3:
+        t = t.transpose(0, 1).contiguous().transpose(0, 1)
+    if kind in ("slice", "both"):
+        wide = torch.empty((*t.shape[:-1], t.shape[-1] + 5), dtype=t.dtype)
+        wide[..., 2 : 2 + t.shape[-1]] = t
+        t = wide[..., 2 : 2 + t.shape[-1]]
+    return t
+
+
+@here
+@pytest.mark.parametrize("lead,fin,fout", SHAPES)
+@pytest.mark.parametrize("dt,mdt", DTYPES)
+def test_forward(gen, lead, fin, fout, dt, mdt):
+    x = rand((*lead, fin), dt, gen)
+    w, m, b = rand((fout, fin), dt, gen), rand_mask((fout, fin), mdt, gen), rand((fout,), dt, gen)
+    y = T.masked_linear(x, w, m, b)
+    assert y.dtype == dt and y.shape == (*lead, fout)
+    assert_close_rel(y, R.masked_linear(x.double(), w.double(), m.double(), b.double()), dt, "forward")
+    assert_close_rel(T.masked_linear(x, w, m), R.masked_linear(x.double(), w.double(), m.double()), dt, "no bias")
+
+
+@here
+@pytest.mark.parametrize("kind", ["T", "slice", "both"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16])
+def test_strided_inputs(gen, kind, dt):
+    """Non-contiguous x / dy (3-D transposed views, sliced rows) and transposed W and mask."""
+    x = _noncontig(rand((4, 3, 67), dt, gen), kind)
+    dy = _noncontig(rand((4, 3, 45), dt, gen), kind)
+    w = rand((67, 45), dt, gen).T  # [45, 67] with stride (1, 45)
+    m = rand_mask((67, 45), torch.float32, gen).T
+    b = rand((90,), dt, gen)[::2]
+    assert not x.is_contiguous() and not w.is_contiguous()
+    ptr = x.data_ptr()
+    y = T.masked_linear(x, w, m, b)
+    assert x.data_ptr() == ptr
+    assert_close_rel(y, R.masked_linear(x.double(), w.double(), m.double(), b.double()), dt, f"forward {kind}")
+    assert_close_rel(T.masked_linear_grad_input(dy, w, m),
+                     R.masked_linear_grad_input(dy.double(), w.double(), m.double()), dt, f"dx {kind}")
+    dm = T.masked_linear_grad_mask(dy, x, w, torch.float32)
+    assert_close_rel(dm, R.masked_linear_grad_mask(dy.double(), x.double(), w.double(), torch.float64),
+                     dt, f"dM {kind}")
+
+
+def test_rows_view_avoids_copies():
+    base = torch.zeros(4, 3, 10)
+    for t, flat in [(base, True), (base.transpose(0, 1), False), (base[:, :, 2:7], True),
+                    (base[1:3], True), (base[:, 0], True), (base.expand(2, 4, 3, 10)[:, :, 1], False)]:
+        view, rows, l1, s0, s1, is_flat = _ops._rows(t)
+        assert view.data_ptr() == t.data_ptr() and is_flat == flat
+        idx = torch.arange(rows)
+        got = (idx // l1) * s0 + (idx % l1) * s1 if not is_flat else idx * s1
+        want = torch.as_strided(torch.arange(base.numel()), t.shape, t.stride(), t.storage_offset())
+        want = want[..., 0].reshape(-1) - t.storage_offset()
+        assert torch.equal(got, want), (t.shape, t.stride())
+
+
+@here
+@pytest.mark.parametrize("lead,fin,fout", SHAPES)
+@pytest.mark.parametrize("dt,mdt", DTYPES)
+def test_grad_input(gen, lead, fin, fout, dt, mdt):
+    dy = rand((*lead, fout), dt, gen)
+    w, m = rand((fout, fin), dt, gen), rand_mask((fout, fin), mdt, gen)
+    dx = T.masked_linear_grad_input(dy, w, m)
+    assert dx.dtype == dt and dx.shape == (*lead, fin)
+    assert_close_rel(dx, R.masked_linear_grad_input(dy.double(), w.double(), m.double()), dt, "dx")
+
+
+@here
+@pytest.mark.parametrize("lead,fin,fout", SHAPES)
+@pytest.mark.parametrize("dt,mdt", DTYPES)
+@pytest.mark.parametrize("split", [None, 3])
+def test_grad_mask(gen, monkeypatch, lead, fin, fout, dt, mdt, split):
+    if split is not None:  # force the split-K path (partials + reduce kernel)
+        monkeypatch.setattr(_ops, "_choose_split", lambda *a: split)
+    x, dy = rand((*lead, fin), dt, gen), rand((*lead, fout), dt, gen)
+    w = rand((fout, fin), dt, gen)
+    dm = T.masked_linear_grad_mask(dy, x, w, mdt)
+    assert dm.dtype == mdt and dm.shape == (fout, fin)
+    ref = R.masked_linear_grad_mask(dy.double(), x.double(), w.double(), torch.float64)
+    assert_close_rel(dm, ref, mdt if dt == torch.float32 else dt, "dM")
+
+
+@here
+def test_split_covers_long_token_runs(gen, monkeypatch):
+    # 300 tokens in 3 chunks of 128 (the last one short): every token counted exactly once.
+    monkeypatch.setattr(_ops, "_choose_split", lambda *a: 3)
+    x, dy, w = rand((300, 20), torch.float32, gen), rand((300, 12), torch.float32, gen), rand((12, 20), torch.float32, gen)
+    ref = R.masked_linear_grad_mask(dy.double(), x.double(), w.double(), torch.float64)
+    assert_close_rel(T.masked_linear_grad_mask(dy, x, w, torch.float32), ref, torch.float32, "dM split")
+
+
+@here
+@pytest.mark.parametrize("lead,fin,fout", [((2, 5), 67, 45), ((3, 1), 40, 70), ((4,), 33, 17)])
+@pytest.mark.parametrize("dt,mdt", DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_mask_mixture_grad(gen, lead, fin, fout, dt, mdt, per_sample):
+    n_tasks = 3
+    x, dy = rand((*lead, fin), dt, gen), rand((*lead, fout), dt, gen)
+    w, masks = rand((fout, fin), dt, gen), rand_mask((n_tasks, fout, fin), mdt, gen)
+    got = T.mask_mixture_grad(dy, x, w, masks, per_sample)
+    ref = R.mask_mixture_grad(dy.double(), x.double(), w.double(), masks.double(), per_sample)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert_close_rel(got, ref, dt, "mixture grad")
+
+
+@here
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16])
+def test_mask_mixture_grad_strided(gen, dt):
+    x = _noncontig(rand((3, 4, 50), dt, gen), "both")
+    dy = _noncontig(rand((3, 4, 40), dt, gen), "T")
+    w, masks = rand((40, 50), dt, gen), rand_mask((2, 40, 50), torch.float16, gen)
+    for per_sample in (False, True):
+        ref = R.mask_mixture_grad(dy.double(), x.double(), w.double(), masks.double(), per_sample)
+        assert_close_rel(T.mask_mixture_grad(dy, x, w, masks, per_sample), ref, dt, f"mixture {per_sample}")
+
+
+@here
+@pytest.mark.parametrize("lead,fin,fout", [((3, 5), 67, 45), ((4,), 40, 70), ((2, 3, 2), 33, 17)])
+@pytest.mark.parametrize("dt,mdt", DTYPES)
+def test_mixed_task(gen, lead, fin, fout, dt, mdt):
+    n_tasks = 3
+    x, dy = rand((*lead, fin), dt, gen), rand((*lead, fout), dt, gen)
+    w, b = rand((fout, fin), dt, gen), rand((fout,), dt, gen)
+    masks = rand_mask((n_tasks, fout, fin), mdt, gen)
+    tid = torch.randint(0, n_tasks, (lead[0],), generator=gen)
+    tid[0] = n_tasks - 1
+    for ids in (tid, tid.int()):
+        y = T.mixed_task_linear(x, w, masks, ids, b)
+        assert y.dtype == dt and y.shape == (*lead, fout)
+        ref = R.mixed_task_linear(x.double(), w.double(), masks.double(), ids, b.double())
+        assert_close_rel(y, ref, dt, "mixed forward")
+        dx = T.mixed_task_linear_grad_input(dy, w, masks, ids)
+        assert_close_rel(dx, R.mixed_task_linear_grad_input(dy.double(), w.double(), masks.double(), ids), dt,
+                         "mixed dx")
+    xs = _noncontig(x, "both")
+    assert_close_rel(T.mixed_task_linear(xs, w, masks, tid),
+                     R.mixed_task_linear(xs.double(), w.double(), masks.double(), tid), dt, "mixed strided")
+
+
+@here
+def test_mask_zeros_prune_exactly(gen):
+    # A zero mask entry removes its weight entirely, even when the weight is huge.
+    x = rand((5, 40), torch.float32, gen)
+    w = rand((24, 40), torch.float32, gen)
+    m = torch.ones(24, 40)
+    m[:, 37:] = 0
+    w[:, 37:] = 1e30
+    y = T.masked_linear(x, w, m)
+    assert_close_rel(y, x[:, :37].double() @ w[:, :37].double().T, torch.float32, "pruned")
+
+
+@here
+def test_outputs_fully_written(gen):
+    # Poisoned allocation: every output element must be overwritten by the kernels.
+    x, dy = rand((2, 3, 67), torch.float16, gen), rand((2, 3, 45), torch.float16, gen)
+    w, m = rand((45, 67), torch.float16, gen), rand_mask((45, 67), torch.float16, gen)
+    masks = rand_mask((2, 45, 67), torch.float32, gen)
+    outs = [T.masked_linear(x, w, m), T.masked_linear_grad_input(dy, w, m),
+            T.masked_linear_grad_mask(dy, x, w, torch.float32), T.mask_mixture_grad(dy, x, w, masks, True),
+            T.mixed_task_linear(x, w, masks, torch.tensor([1, 0]))]
+    for out in outs:
+        assert not torch.isnan(out).any()
+
+
+@here
+def test_empty_inputs():
+    w, m = torch.randn(5, 4), torch.rand(5, 4)
+    assert T.masked_linear(torch.randn(0, 4), w, m).shape == (0, 5)
+    assert T.masked_linear_grad_input(torch.randn(2, 0, 5), w, m).shape == (2, 0, 4)
+    assert torch.equal(T.masked_linear_grad_mask(torch.randn(0, 5), torch.randn(0, 4), w, torch.float32),
+                       torch.zeros(5, 4))
+    assert torch.equal(T.mask_mixture_grad(torch.randn(0, 5), torch.randn(0, 4), w, m[None], False), torch.zeros(1))
+    b = torch.randn(3)
+    y = T.masked_linear(torch.randn(2, 0), torch.randn(3, 0), torch.rand(3, 0), b)
+    assert torch.equal(y, b.expand(2, 3))
+
+
+def test_unsupported_dtype_names_the_argument():
+    w, m = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 4)
+    with pytest.raises(TypeError, match="masked_linear: x must be float32, float16 or bfloat16"):
+        T.masked_linear(torch.randn(2, 4, dtype=torch.float64), w, m)
+    with pytest.raises(TypeError, match="mask must be float32"):
+        T.masked_linear_grad_input(torch.randn(2, 5), torch.randn(5, 4), m.double())
+    with pytest.raises(TypeError, match="mask_dtype must be float32"):
+        T.masked_linear_grad_mask(torch.randn(2, 5), torch.randn(2, 4), torch.randn(5, 4), torch.float64)
+    with pytest.raises(TypeError, match="masks must be float32"):
+        T.mask_mixture_grad(torch.randn(2, 5), torch.randn(2, 4), torch.randn(5, 4), m[None].double(), False)
+    with pytest.raises(TypeError, match="bfloat16"):
+        if RUN_HERE:  # the interpreter refuses bf16 clearly instead of computing garbage
+            T.masked_linear(torch.randn(2, 4).bfloat16(), torch.randn(5, 4).bfloat16(), m)
+        else:
+            raise TypeError("bfloat16 (GPU build: covered in test_triton_gpu.py)")
+
+
+def test_fp32_precision_switch():
+    assert T.get_fp32_precision() in ("ieee", "tf32", "tf32x3")
+    before = T.get_fp32_precision()
+    try:
+        T.set_fp32_precision("TF32")
+        assert T.get_fp32_precision() == "tf32"
+        with pytest.raises(ValueError, match="ieee, tf32, tf32x3"):
+            T.set_fp32_precision("fp16")
+    finally:
+        T.set_fp32_precision(before)
+    env = dict(os.environ, SOFTTF_TRITON_FP32_PRECISION="bogus", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", "import torch, softtf_kernels.triton as T; T.masked_linear"],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode != 0 and "SOFTTF_TRITON_FP32_PRECISION must be one of" in proc.stderr
+
+
+# ----------------------------------------------------------------- through torch.ops + autograd
+@here
+@pytest.mark.parametrize("dt,mdt", DTYPES)
+def test_ops_and_autograd_route_to_triton(gen, monkeypatch, dt, mdt):
+    calls = []
+    for name in ("masked_linear", "masked_linear_grad_input", "masked_linear_grad_mask"):
+        fn = getattr(_ops, name)
+        monkeypatch.setattr(T, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a), raising=False)
+    softtf_kernels.set_backend("triton")
+    x = rand((2, 5, 67), dt, gen).requires_grad_()
+    w = rand((45, 67), dt, gen)
+    m = rand_mask((45, 67), mdt, gen).requires_grad_()
+    b = rand((45,), dt, gen).requires_grad_()
+    y = torch.ops.softtf.masked_linear(x, w, m, b)
+    dy = rand(y.shape, dt, gen)
+    y.backward(dy)
+    assert calls == ["masked_linear", "masked_linear_grad_input", "masked_linear_grad_mask"]
+
+    xd, md, bd = x.detach().double().requires_grad_(), m.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    yd = R.masked_linear(xd, w.double(), md, bd)
+    yd.backward(dy.double())
+    assert_close_rel(y, yd, dt, "op forward")
+    assert x.grad.dtype == dt and m.grad.dtype == mdt
+    assert_close_rel(x.grad, xd.grad, dt, "op dx")
+    assert_close_rel(m.grad, md.grad, mdt if dt == torch.float32 else dt, "op dM")
+    assert_close_rel(b.grad, bd.grad, dt, "op db")
+
+
+@here
+def test_gradient_id_ops_route_to_triton(gen):
+    softtf_kernels.set_backend("triton")
+    x, dy = rand((3, 4, 40), torch.float32, gen), rand((3, 4, 24), torch.float32, gen)
+    w, masks = rand((24, 40), torch.float32, gen), rand_mask((2, 24, 40), torch.float16, gen)
+    tid = torch.tensor([1, 0, 1])
+    got = torch.ops.softtf.mask_mixture_grad(dy, x, w, masks, True)
+    assert_close_rel(got, R.mask_mixture_grad(dy.double(), x.double(), w.double(), masks.double(), True),
+                     torch.float32, "op mixture")
+    xr = x.clone().requires_grad_()
+    y = torch.ops.softtf.mixed_task_linear(xr, w, masks, tid)
+    y.backward(dy)
+    xd = x.double().requires_grad_()
+    yd = R.mixed_task_linear(xd, w.double(), masks.double(), tid)
+    yd.backward(dy.double())
+    assert_close_rel(y, yd, torch.float32, "op mixed forward")
+    assert_close_rel(xr.grad, xd.grad, torch.float32, "op mixed dx")
+
+
+# ----------------------------------------------------------------- subprocess fallback
+@pytest.mark.skipif(RUN_HERE, reason="kernels run in this process under the interpreter")
+def test_rerun_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
