@@ -329,3 +329,31 @@ def test_rerun_in_subprocess():
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
+
+
+@pytest.mark.parametrize("major,limit", [(9, 232448), (8, 166912)])
+def test_autotune_pruning_of_the_gpu_config_lists(monkeypatch, major, limit):
+    """The GPU config lists (not used by the interpreter) pruned for an H100 / A100."""
+    K = _kmod
+    monkeypatch.setattr(K, "_device_info", lambda t: (limit, major))
+
+    def args(dt, mdt, rows, n, k):
+        e = lambda d: torch.empty(1, dtype=d)  # noqa: E731
+        return {"a_ptr": e(dt), "w_ptr": e(dt), "m_ptr": e(mdt), "ROWS": rows, "N": n, "K": k}
+
+    all_mm = K._MM_CONFIGS_16 + K._MM_CONFIGS_32
+    kept = K._mm_prune(all_mm, args(torch.bfloat16, torch.bfloat16, 12608, 2304, 768))
+    assert kept and all(c in K._MM_CONFIGS_16 for c in kept)
+    assert all(K._mm_smem(c, 2, 2, 2, major) <= limit for c in kept)
+    big = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128]
+    assert bool(big) == (major >= 9)  # 128x256 tiles only where wgmma keeps them spill-free
+    kept32 = K._mm_prune(all_mm, args(torch.float32, torch.float32, 12608, 768, 768))
+    assert kept32 and all(c in K._MM_CONFIGS_32 for c in kept32)
+    few = K._mm_prune(all_mm, args(torch.float16, torch.float32, 3, 2304, 768))
+    assert few and all(c.kwargs["BLOCK_M"] == 16 for c in few)
+    tiny = K._mm_prune(all_mm, args(torch.float16, torch.float16, 1, 8, 8))
+    assert len(tiny) == 1  # nothing fits the extents: the smallest tile of the right width
+    gm = K._gm_prune(K._GM_CONFIGS_16 + K._GM_CONFIGS_32,
+                     {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "w_ptr": torch.empty(1, dtype=torch.bfloat16),
+                      "N": 768, "K": 768, "CHUNK": 3200})
+    assert gm and all(c in K._GM_CONFIGS_16 for c in gm)

@@ -30,18 +30,21 @@ def _cfg(num_warps, num_stages, **meta):
 
 # Output tile [BLOCK_M, BLOCK_N], reduction step BLOCK_K. 16-bit operands (tensor cores: wgmma on
 # H100, mma.sync on A100). Big tiles for the compute-bound ViT/BERT GEMMs, small ones for few rows.
+# Checked by compiling every config for sm_90 and sm_80 with ptxas (registers, spills, shared
+# memory): 128x128 tiles need 8 warps (4 warps spill: the fp32 accumulator plus the W*M product),
+# and tiles above 128x128 are kept for sm_90 only (they spill under mma.sync on sm_80).
 _MM_CONFIGS_16 = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 5, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(2, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(2, 5, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    _cfg(2, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
 ]
 # fp32 operands: twice the bytes per element and (ieee) FMA instead of tensor cores -> smaller K.
 _MM_CONFIGS_32 = [
@@ -89,14 +92,14 @@ _MIX_CONFIGS_32 = [
 
 if INTERPRET:
     # One small config: the interpreter is slow, and 32-wide tiles still exercise every tail
-    # path (tests use in=67, out=45, ...).
-    _MM_CONFIGS_16 = _MM_CONFIGS_32 = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
-    _GM_CONFIGS_16 = _GM_CONFIGS_32 = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32, GROUP_N=4)]
-    _MIX_CONFIGS_16 = _MIX_CONFIGS_32 = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32)]
-
-MM_CONFIGS = _MM_CONFIGS_16 + [c for c in _MM_CONFIGS_32 if c not in _MM_CONFIGS_16]
-GM_CONFIGS = _GM_CONFIGS_16 + [c for c in _GM_CONFIGS_32 if c not in _GM_CONFIGS_16]
-MIX_CONFIGS = _MIX_CONFIGS_16 + [c for c in _MIX_CONFIGS_32 if c not in _MIX_CONFIGS_16]
+    # path (tests use in=67, out=45, ...). The GPU lists above stay importable for tests.
+    MM_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    GM_CONFIGS = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32, GROUP_N=4)]
+    MIX_CONFIGS = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32)]
+else:
+    MM_CONFIGS = _MM_CONFIGS_16 + _MM_CONFIGS_32
+    GM_CONFIGS = _GM_CONFIGS_16 + _GM_CONFIGS_32
+    MIX_CONFIGS = _MIX_CONFIGS_16 + _MIX_CONFIGS_32
 _FP32_ONLY = {id(c) for c in _MM_CONFIGS_32 + _GM_CONFIGS_32 + _MIX_CONFIGS_32} - {
     id(c) for c in _MM_CONFIGS_16 + _GM_CONFIGS_16 + _MIX_CONFIGS_16
 }
@@ -104,19 +107,22 @@ _FP16_ONLY = {id(c) for c in _MM_CONFIGS_16 + _GM_CONFIGS_16 + _MIX_CONFIGS_16} 
     id(c) for c in _MM_CONFIGS_32 + _GM_CONFIGS_32 + _MIX_CONFIGS_32
 }
 
-_SMEM_CACHE: dict = {}
+_DEVICE_CACHE: dict = {}
 
 
-def _max_smem(t) -> int:
-    """Shared memory per block (opt-in) of the tensor's GPU: ~227 KiB H100, ~163 KiB A100."""
+def _device_info(t) -> tuple[int, int]:
+    """(shared memory per block, opt-in; compute capability major) of the tensor's GPU:
+    ~227 KiB and 9 on H100, ~163 KiB and 8 on A100."""
     dev = t.device.index if t.device.index is not None else 0
-    if dev not in _SMEM_CACHE:
+    if dev not in _DEVICE_CACHE:
         try:
             props = triton.runtime.driver.active.utils.get_device_properties(dev)
-            _SMEM_CACHE[dev] = int(props["max_shared_mem"])
+            import torch
+
+            _DEVICE_CACHE[dev] = (int(props["max_shared_mem"]), torch.cuda.get_device_capability(dev)[0])
         except Exception:  # pragma: no cover - unknown driver: do not prune on smem
-            _SMEM_CACHE[dev] = 1 << 30
-    return _SMEM_CACHE[dev]
+            _DEVICE_CACHE[dev] = (1 << 30, 9)
+    return _DEVICE_CACHE[dev]
 
 
 def _cap(n: int) -> int:
@@ -133,29 +139,36 @@ def _prune(configs, nargs, a_name, w_name, m_name, dims, smem_fn):
     a, w, m = nargs[a_name], nargs[w_name], nargs[m_name]
     wide = a.dtype.itemsize == 4
     drop = _FP16_ONLY if wide else _FP32_ONLY
-    limit = _max_smem(a)
+    limit, major = _device_info(a)
     kept = []
     for cfg in configs:
         if id(cfg) in drop:
             continue
         if any(cfg.kwargs[name] > _cap(nargs[ext]) for name, ext in dims.items()):
             continue
-        if smem_fn(cfg, a.element_size(), w.element_size(), m.element_size()) > limit:
+        blocks = [v for k, v in cfg.kwargs.items() if k.startswith("BLOCK")]
+        if major < 9 and blocks[0] * blocks[1] > 128 * 128:
+            continue
+        if smem_fn(cfg, a.element_size(), w.element_size(), m.element_size(), major) > limit:
             continue
         kept.append(cfg)
-    if not kept:  # tiny problem: take the smallest tiles of the right width
+    if not kept:  # tiny problem: the smallest tiles of the right width (that fit, if any do)
         pool = [c for c in configs if id(c) not in drop] or list(configs)
-        kept = [min(pool, key=lambda c: c.num_warps * sum(v for k, v in c.kwargs.items() if k.startswith("BLOCK")))]
+        fits = [c for c in pool if smem_fn(c, a.element_size(), w.element_size(), m.element_size(), major) <= limit]
+        kept = [min(fits or pool, key=lambda c: (sum(v for k, v in c.kwargs.items() if k.startswith("BLOCK")),
+                                                 c.num_warps))]
     return kept
 
 
-def _mm_smem(cfg, a_b, w_b, m_b):
+def _mm_smem(cfg, a_b, w_b, m_b, major=9):
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    # A, W, mask tiles per stage + one buffer for the (W*M) operand handed to the dot.
-    return cfg.num_stages * (bm * bk * a_b + bk * bn * (w_b + m_b)) + bk * bn * a_b
+    # Matches what triton 3.8 allocates (checked with ptxas builds): num_stages-1 buffers of the A,
+    # W and mask tiles; on sm_90 also the wgmma operand buffers (A and the W*M product).
+    smem = (cfg.num_stages - 1) * (bm * bk * a_b + bk * bn * (w_b + m_b))
+    return smem + ((bm * bk + bk * bn) * a_b if major >= 9 else 0)
 
 
-def _gm_smem(cfg, a_b, w_b, m_b):
+def _gm_smem(cfg, a_b, w_b, m_b, major=9):
     bn, bk, bt = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_T"]
     return cfg.num_stages * (bn * bt + bt * bk) * a_b
 
