@@ -3,10 +3,11 @@
 csrc/cuda/tile_gemm.cuh holds the whole per-block code of every CUDA kernel (index computation,
 bounds-checked tile loads, the masked staging of W ⊙ M, the MMA/FMA loop, the epilogues) as
 templates over an execution context. tests/cuda_harness/ compiles those same templates with the
-host C++ compiler into a small shared library whose context runs each block with one std::thread
-per CUDA thread (a std::barrier for __syncthreads, poisoned shared memory, an emulation of the
-WMMA fragment API for the tensor-core step) and the same host-side planning (csrc/cuda/plan.h)
-as the torch binding. This file drives it over odd shapes, tails, unaligned buffers and every
+host C++ compiler into a small shared library whose context runs each block's CUDA threads as
+fibers, phase by phase between __syncthreads in a shuffled order (or, with
+SOFTTF_HARNESS_THREADS=1, as one std::thread each with a std::barrier), with poisoned shared
+memory, an emulation of the WMMA fragment API for the tensor-core step, and the same host-side
+planning (csrc/cuda/plan.h) as the torch binding. This file drives it over odd shapes, tails, unaligned buffers and every
 dtype pair, and shows that a planted tail-bound bug (-DSOFTTF_PLANT_BUG) is caught.
 
 Needs a C++20 compiler (g++ or clang++, or $CXX); skipped only when none is found.
@@ -38,16 +39,27 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(out_dir: Path, planted: bool) -> ctypes.CDLL:
-    cxx = _compiler()
+def _build_cmd(out_dir: Path, planted: bool) -> tuple[list[str], Path]:
     lib = out_dir / ("libsofttf_harness_bug.so" if planted else "libsofttf_harness.so")
-    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+    cmd = [_compiler(), "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
            "-I", str(ROOT / "csrc"), "-I", str(HARNESS.parent), str(HARNESS), "-o", str(lib)]
     if planted:
         cmd.insert(1, "-DSOFTTF_PLANT_BUG")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"harness build failed:\n{' '.join(cmd)}\n{proc.stderr}"
-    return _bind(ctypes.CDLL(str(lib)))
+    return cmd, lib
+
+
+def _build_all(out_dir: Path) -> dict[str, ctypes.CDLL]:
+    """Builds the harness and its planted-bug variant (in parallel) and loads both."""
+    jobs = {name: _build_cmd(out_dir, planted) for name, planted in (("ok", False), ("bug", True))}
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (cmd, _) in jobs.items()}
+    libs = {}
+    for name, proc in procs.items():
+        _, err = proc.communicate()
+        cmd, lib = jobs[name]
+        assert proc.returncode == 0, f"harness build failed:\n{' '.join(cmd)}\n{err}"
+        libs[name] = _bind(ctypes.CDLL(str(lib)))
+    return libs
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -76,8 +88,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def libs(tmp_path_factory):
     if _compiler() is None:
         pytest.skip("no C++ compiler (g++/clang++/$CXX) to build the CUDA-kernel CPU harness")
-    d = tmp_path_factory.mktemp("cuda_harness")
-    return {"ok": _build(d, planted=False), "bug": _build(d, planted=True)}
+    return _build_all(tmp_path_factory.mktemp("cuda_harness"))
 
 
 @pytest.fixture(scope="session")
@@ -281,6 +292,22 @@ def test_mask_mixture_grad_single_task_equals_grad_mask_sum(lib, gen):
 
 
 # ----------------------------------------------------------------------------- the harness itself
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_os_thread_mode(lib, gen, monkeypatch, dt):
+    """The same kernels with one real std::thread per CUDA thread and a std::barrier for
+    __syncthreads (true concurrency between barriers) instead of the default fibers."""
+    monkeypatch.setenv("SOFTTF_HARNESS_THREADS", "1")
+    x, w, m = rand((70, 67), dt, gen), rand((45, 67), dt, gen), rand_mask((45, 67), torch.float16, gen)
+    assert_close_rel(h_masked_linear(lib, x, w, m), R.masked_linear(_d(x), _d(w), _d(m)), dt, "threads fwd")
+    dy = rand((70, 45), dt, gen)
+    assert_close_rel(h_grad_mask(lib, dy, x, w, torch.float32),
+                     R.masked_linear_grad_mask(_d(dy), _d(x), _d(w), torch.float64), dt, "threads dM")
+    masks = rand_mask((3, 45, 67), torch.float32, gen)
+    assert_close_rel(h_mixture(lib, dy.view(2, 35, 45), x.view(2, 35, 67), w, masks, True),
+                     R.mask_mixture_grad(_d(dy.view(2, 35, 45)), _d(x.view(2, 35, 67)), _d(w), _d(masks), True),
+                     dt, "threads mixture")
+
+
 def test_soft_half_types_are_bit_exact(lib, gen):
     """The harness's software fp16/bf16 round exactly as torch (and __float2half_rn) do."""
     v = torch.cat([

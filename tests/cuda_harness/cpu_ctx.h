@@ -1,10 +1,16 @@
 // CPU execution context for the CUDA kernel bodies of csrc/cuda/tile_gemm.cuh.
 //
-// A launch runs the grid's blocks one after another. Each block runs with one std::thread per
-// CUDA thread (threadIdx.x = 0..NT-1), all sharing one shared-memory buffer; __syncthreads() is a
-// std::barrier over the block's threads, so the threads interleave freely between barriers as on
-// the GPU (a missing barrier is a real data race here too). Shared memory is poisoned (0xFF bytes,
-// NaN as floats) before every block so a kernel that reads what it did not write fails.
+// A launch runs the grid's blocks one after another; all threads of a block share one
+// shared-memory buffer, poisoned (0xFF bytes, NaN as floats) before every block so a kernel that
+// reads what it did not write fails. Two ways to run the NT threads of a block:
+//   - fibers (default): one ucontext fiber per CUDA thread on the calling OS thread. Each
+//     __syncthreads() phase runs every thread up to its next barrier, in a pseudo-random order
+//     that changes every phase (fixed seed: reproducible), so a result that depends on the order
+//     of threads between barriers -- a missing __syncthreads -- changes with the order and fails.
+//     Threads that leave the kernel while others wait at a barrier are reported (abort), as that
+//     is undefined on the GPU.
+//   - OS threads (SOFTTF_HARNESS_THREADS=1): one std::thread per CUDA thread, a std::barrier for
+//     __syncthreads: true concurrency between barriers (slower: every barrier wakes NT threads).
 //
 // WMMA emulation (CpuMma): same API and semantics as nvcuda::wmma 16x16x16 with fp32
 // accumulation and the layouts the kernels use (matrix_a row/col major, matrix_b row/col major,
@@ -14,8 +20,15 @@
 // these collective calls (as it does), never index them per lane.
 #pragma once
 
+#include <ucontext.h>
+
 #include <barrier>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -67,11 +80,15 @@ struct CpuMma {
   }
 };
 
+struct FiberSched;
+void fiber_sync(FiberSched* s);
+
 struct CpuCtx {
   int tid_ = 0;
   unsigned bx_ = 0, by_ = 0, bz_ = 0, gx_ = 1, gy_ = 1;
   char* smem_ = nullptr;
-  std::barrier<>* bar_ = nullptr;
+  std::barrier<>* bar_ = nullptr;  // OS-thread mode
+  FiberSched* sched_ = nullptr;    // fiber mode
 
   int tid() const { return tid_; }
   int lane() const { return tid_ % 32; }
@@ -80,11 +97,81 @@ struct CpuCtx {
   unsigned bz() const { return bz_; }
   unsigned gx() const { return gx_; }
   unsigned gy() const { return gy_; }
-  void sync() const { bar_->arrive_and_wait(); }
+  void sync() const {
+    if (sched_ != nullptr)
+      fiber_sync(sched_);
+    else
+      bar_->arrive_and_wait();
+  }
   char* smem() const { return smem_; }
   template <class T, bool A_K, bool B_K>
   using MmaOps = CpuMma<T, A_K, B_K>;
 };
+
+// Fiber scheduler: one ucontext per CUDA thread of the current block.
+struct FiberSched {
+  enum State { kRunnable, kAtBarrier, kDone };
+  ucontext_t main{};
+  std::vector<ucontext_t> fibers;
+  std::vector<State> state;
+  std::unique_ptr<char[]> stacks;  // uninitialized: pages are touched only as deep as used
+  size_t stack_size = 256 * 1024;
+  int current = 0;
+  const std::function<void(CpuCtx&)>* body = nullptr;
+  CpuCtx proto;  // block coordinates etc.; tid_ filled per fiber
+};
+
+inline thread_local FiberSched* tl_sched = nullptr;
+
+inline void fiber_sync(FiberSched* s) {
+  const int t = s->current;
+  s->state[t] = FiberSched::kAtBarrier;
+  swapcontext(&s->fibers[t], &s->main);
+}
+
+inline void fiber_entry() {
+  FiberSched* s = tl_sched;
+  const int t = s->current;
+  CpuCtx c = s->proto;
+  c.tid_ = t;
+  (*s->body)(c);
+  s->state[t] = FiberSched::kDone;  // returns to s->main through uc_link
+}
+
+inline bool use_os_threads() {
+  const char* p = std::getenv("SOFTTF_HARNESS_THREADS");
+  return p != nullptr && p[0] == '1';
+}
+
+// One block: every fiber from the start, phase by phase, until all have left the kernel.
+[[gnu::noinline]] inline void run_fiber_block(FiberSched& s, int threads, std::vector<int>& order,
+                                              std::mt19937& rng) {
+  for (int t = 0; t < threads; ++t) {
+    getcontext(&s.fibers[t]);
+    s.fibers[t].uc_stack.ss_sp = s.stacks.get() + size_t(t) * s.stack_size;
+    s.fibers[t].uc_stack.ss_size = s.stack_size;
+    s.fibers[t].uc_link = &s.main;
+    makecontext(&s.fibers[t], fiber_entry, 0);
+    s.state[t] = FiberSched::kRunnable;
+  }
+  for (;;) {  // one barrier phase per iteration
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int t : order) {
+      s.current = t;
+      swapcontext(&s.main, &s.fibers[t]);
+    }
+    int done = 0;
+    for (auto st : s.state) done += st == FiberSched::kDone;
+    if (done == threads) return;
+    if (done != 0) {
+      std::fprintf(stderr, "cuda harness: %d of %d threads exited while others wait at "
+                           "__syncthreads (block %u,%u,%u)\n", done, threads, s.proto.bx_,
+                   s.proto.by_, s.proto.bz_);
+      std::abort();
+    }
+    for (auto& st : s.state) st = FiberSched::kRunnable;
+  }
+}
 
 // Runs body(ctx) for every thread of every block of `grid` with `threads` threads per block.
 template <class Body>
@@ -92,25 +179,50 @@ void cpu_launch(const Grid& grid, int threads, size_t smem_bytes, Body body) {
   if (grid.blocks() == 0) return;
   std::vector<char> storage(smem_bytes + 128);
   char* smem = storage.data() + (128 - reinterpret_cast<uintptr_t>(storage.data()) % 128) % 128;
-  std::barrier<> bar(threads);
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      CpuCtx c;
-      c.tid_ = t, c.smem_ = smem, c.bar_ = &bar, c.gx_ = grid.x, c.gy_ = grid.y;
-      for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-          for (unsigned x = 0; x < grid.x; ++x) {
-            if (t == 0 && smem_bytes) std::memset(smem, 0xff, smem_bytes);
-            bar.arrive_and_wait();  // block start: poisoned smem visible to all
-            c.bx_ = x, c.by_ = y, c.bz_ = z;
-            body(c);
-            bar.arrive_and_wait();  // block end: nobody still reads smem
-          }
-    });
+
+  if (use_os_threads()) {
+    std::barrier<> bar(threads);
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        CpuCtx c;
+        c.tid_ = t, c.smem_ = smem, c.bar_ = &bar, c.gx_ = grid.x, c.gy_ = grid.y;
+        for (unsigned z = 0; z < grid.z; ++z)
+          for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+              if (t == 0 && smem_bytes) std::memset(smem, 0xff, smem_bytes);
+              bar.arrive_and_wait();  // block start: poisoned smem visible to all
+              c.bx_ = x, c.by_ = y, c.bz_ = z;
+              body(c);
+              bar.arrive_and_wait();  // block end: nobody still reads smem
+            }
+      });
+    }
+    for (auto& th : pool) th.join();
+    return;
   }
-  for (auto& th : pool) th.join();
+
+  const std::function<void(CpuCtx&)> fn = [&](CpuCtx& c) { body(c); };
+  FiberSched s;
+  s.fibers.resize(threads);
+  s.state.resize(threads);
+  s.stacks.reset(new char[s.stack_size * threads]);
+  s.body = &fn;
+  s.proto.smem_ = smem, s.proto.sched_ = &s, s.proto.gx_ = grid.x, s.proto.gy_ = grid.y;
+  FiberSched* saved = tl_sched;
+  tl_sched = &s;
+  std::mt19937 rng(12345u);
+  std::vector<int> order(threads);
+  for (int t = 0; t < threads; ++t) order[t] = t;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        if (smem_bytes) std::memset(smem, 0xff, smem_bytes);
+        s.proto.bx_ = x, s.proto.by_ = y, s.proto.bz_ = z;
+        run_fiber_block(s, threads, order, rng);
+      }
+  tl_sched = saved;
 }
 
 // Same launch plumbing as csrc/cuda/gpu_ctx.cuh's launch_family, on the CPU.
