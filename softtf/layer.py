@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import softtf_kernels  # noqa: F401  (registers torch.ops.softtf)
 
-__all__ = ["SoftLinear", "MaskInit"]
+__all__ = ["SoftLinear", "MaskInit", "superposed_linear"]
 
 MaskInit = Any  # "ones" | ("uniform", low, high)
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -40,6 +40,44 @@ def init_mask(shape: Sequence[int], init: MaskInit, dtype: torch.dtype, device, 
         m = torch.empty(shape, dtype=dtype, device=device)
         return m.uniform_(low, high, generator=generator)
     raise ValueError(f"init must be 'ones' or ('uniform', low, high), got {init!r}")
+
+
+class _SuperposedLinear(torch.autograd.Function):
+    """y = x (W ⊙ Σ_t α_t M_t)^T + b; ∂/∂α through the fused mask_mixture_grad op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, masks, alpha, bias):
+        a = alpha if alpha.dim() == 1 else alpha[0]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mbar = torch.einsum("t,toi->oi", a.detach().to(acc), masks.to(acc))  # one [out, in], not T
+        ctx.save_for_backward(x, weight, masks, mbar)
+        ctx.per_sample = alpha.dim() == 2
+        ctx.alpha_dtype = alpha.dtype
+        ctx.has_bias = bias is not None
+        return torch.ops.softtf.masked_linear(x, weight, mbar, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, masks, mbar = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch.ops.softtf.masked_linear_grad_input(dy, weight, mbar) if ctx.needs_input_grad[0] else None
+        dalpha = None
+        if ctx.needs_input_grad[3]:
+            dalpha = torch.ops.softtf.mask_mixture_grad(dy, x, weight, masks, ctx.per_sample).to(ctx.alpha_dtype)
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return dx, None, None, dalpha, db
+
+
+def superposed_linear(x: Tensor, weight: Tensor, masks: Tensor, alpha: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (W ⊙ Σ_t α_t M_t)^T + b with α [T], or [B, T] (equal rows) for per-sample ∂/∂α."""
+    if alpha.dim() == 2:
+        if x.dim() < 2 or alpha.shape[0] != x.shape[0]:
+            raise ValueError(f"superposed_linear: alpha [B, T] needs x [B, ...] with the same B, got "
+                             f"alpha {tuple(alpha.shape)} and x {tuple(x.shape)}")
+        if not torch.equal(alpha, alpha[:1].expand_as(alpha)):
+            raise ValueError("superposed_linear: rows of a per-sample alpha [B, T] must be equal "
+                             "(use one batch per distinct mixture)")
+    return _SuperposedLinear.apply(x, weight, masks, alpha, bias)
 
 
 class SoftLinear(nn.Module):
@@ -68,7 +106,8 @@ class SoftLinear(nn.Module):
         self.active_task: str | None = None
         self.mode = "single"
         self._alpha: Tensor | None = None  # superposed mode: one coefficient per task of self.tasks
-        self._task_ids: Tensor | None = None  # per-sample mode: one index into self.tasks per sample
+        self._task_ids: Tensor | None = None  # per-sample mode: one index into _mix_names per sample
+        self._mix_names: list[str] = []  # tasks combined in superposed / per-sample modes
 
     # ------------------------------------------------------------------ properties
     @property
@@ -172,6 +211,29 @@ class SoftLinear(nn.Module):
         return torch.stack([self.mask(n).to(self.mask_dtype) for n in names])
 
     # ------------------------------------------------------------------ modes
+    def set_superposed(self, names: Sequence[str], alpha: Tensor) -> None:
+        """Superposed mode (Gradient ID): the weight is W ⊙ Σ_t α_t M_t over the tasks ``names``.
+
+        ``alpha`` is [T] (one mixture for the batch) or [B, T] with equal rows: the forward is the
+        same, but autograd then returns ∂/∂α per sample (``alpha.grad`` [B, T]).
+        """
+        names = list(names)
+        for n in names:
+            self._check_known(n)
+        if not isinstance(alpha, Tensor) or alpha.dim() not in (1, 2) or alpha.shape[-1] != len(names):
+            got = tuple(alpha.shape) if isinstance(alpha, Tensor) else type(alpha).__name__
+            raise ValueError(f"SoftLinear: alpha must have shape [{len(names)}] or [B, {len(names)}], got {got}")
+        self.mode, self._mix_names, self._alpha, self._task_ids = "superposed", names, alpha, None
+
+    def set_per_sample(self, names: Sequence[str], task_ids: Tensor) -> None:
+        """Per-sample mode: sample b of the next batches uses the mask of ``names[task_ids[b]]``."""
+        names = list(names)
+        for n in names:
+            self._check_known(n)
+        if not isinstance(task_ids, Tensor) or task_ids.dim() != 1:
+            raise ValueError("SoftLinear: task_ids must be a 1-D integer tensor (one task index per sample)")
+        self.mode, self._mix_names, self._task_ids, self._alpha = "per_sample", names, task_ids, None
+
     def disable_masks(self) -> None:
         """Run exactly the base layer (the pretrained model) until a task is selected again."""
         self.mode = "disabled"
@@ -185,7 +247,15 @@ class SoftLinear(nn.Module):
             return self.base_layer(x)
         if self.mode == "single":
             return torch.ops.softtf.masked_linear(x, self.weight, self.mask(self.active_task), self.bias)
-        raise RuntimeError(f"SoftLinear: mode {self.mode!r} is not available")
+        masks = self.stacked_masks(self._mix_names)
+        if self.mode == "per_sample":
+            if x.dim() < 2 or x.shape[0] != self._task_ids.shape[0]:
+                raise ValueError(
+                    f"SoftLinear: per-sample mode holds {self._task_ids.shape[0]} task ids but x has "
+                    f"shape {tuple(x.shape)} (expected [B, ..., in] with B = {self._task_ids.shape[0]})"
+                )
+            return torch.ops.softtf.mixed_task_linear(x, self.weight, masks, self._task_ids, self.bias)
+        return superposed_linear(x, self.weight, masks, self._alpha, self.bias)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:

@@ -133,10 +133,13 @@ def _mt_backward(ctx, dy):
         dw = torch.einsum("bno,bni,boi->oi", dyb, xb, per_sample).to(weight.dtype)
     dm = None
     if need_m:
-        dm = torch.zeros_like(masks)
-        for t in torch.unique(task_ids).tolist():
-            rows = (task_ids == t).nonzero().squeeze(1)
-            dm[t] = torch.ops.softtf.masked_linear_grad_mask(dy[rows], x[rows], weight, masks.dtype)
+        # Rare (masks of finished tasks are frozen): dM_t = Σ_{b: ids[b]=t} (dy_b^T x_b) ⊙ W, written
+        # without data-dependent control flow so it traces under torch.compile.
+        acc = _score_dtype(x)
+        onehot = torch.nn.functional.one_hot(task_ids.long(), masks.shape[0]).to(acc)
+        dyb = dy.reshape(dy.shape[0], -1, dy.shape[-1]).to(acc)
+        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)
+        dm = (torch.einsum("bt,bno,bni->toi", onehot, dyb, xb) * weight.to(acc)).to(masks.dtype)
     db = _flat(dy).sum(0) if (ctx.has_bias and need_b) else None
     return (dx, dw, dm, None, db)[: len(ctx.needs_input_grad)]
 

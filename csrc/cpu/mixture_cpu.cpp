@@ -1,0 +1,133 @@
+// CPU kernels of the many-mask ops: the Gradient-ID pass and mixed-task batches.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace softtf::cpu {
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& bias);
+at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
+                                    const at::Tensor& mask);
+
+namespace {
+
+void check_masks(const char* op, const at::Tensor& masks, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  TORCH_CHECK(masks.dim() == 3 && masks.size(1) == weight.size(0) && masks.size(2) == weight.size(1),
+              op, ": masks must have shape [T, ", weight.size(0), ", ", weight.size(1), "], got ",
+              masks.sizes());
+  TORCH_CHECK(masks.size(0) > 0, op, ": masks must hold at least one task");
+  TORCH_CHECK(is_float_type(masks.scalar_type()), op,
+              ": masks must be float32, bfloat16, float16 or float64, got ", masks.scalar_type());
+}
+
+void check_act(const char* op, const char* name, const at::Tensor& t, int64_t feat,
+               const at::Tensor& weight) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == feat, op, ": ", name, " must have last dim ", feat,
+              ", got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == weight.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+              " must equal weight dtype ", weight.scalar_type());
+}
+
+// Groups of samples sharing a task: (task, sample indices) for every task present.
+std::vector<std::pair<int64_t, at::Tensor>> group_by_task(const at::Tensor& task_ids, int64_t n_tasks,
+                                                          const char* op) {
+  auto ids = task_ids.to(at::kLong).contiguous();
+  const int64_t* p = ids.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> rows(n_tasks);
+  for (int64_t b = 0; b < ids.numel(); ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] < n_tasks, op, ": task_ids must lie in [0, ", n_tasks,
+                "), got ", p[b], " at sample ", b);
+    rows[p[b]].push_back(b);
+  }
+  std::vector<std::pair<int64_t, at::Tensor>> groups;
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    if (rows[t].empty()) continue;
+    groups.emplace_back(t, at::tensor(rows[t], at::kLong));
+  }
+  return groups;
+}
+
+}  // namespace
+
+// s[b, t] = Σ_{o,i} G_b[o,i] W[o,i] M_t[o,i] with G_b = dy_b^T x_b.
+// Per row panel of W: H = G ⊙ W for every sample (one batched GEMM into a panel buffer that stays
+// in cache), then one GEMM of H against the T mask panels. Each mask element is read once,
+// G is never held for more than one panel, and no W ⊙ M_t is formed.
+at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
+                             const at::Tensor& weight, const at::Tensor& masks, bool per_sample) {
+  const char* op = "softtf::mask_mixture_grad";
+  check_masks(op, masks, weight);
+  const int64_t out_f = weight.size(0), in_f = weight.size(1), n_tasks = masks.size(0);
+  check_act(op, "x", x, in_f, weight);
+  check_act(op, "grad_out", grad_out, out_f, weight);
+  TORCH_CHECK(grad_out.numel() / out_f == x.numel() / in_f, op,
+              ": grad_out and x must have the same leading dims, got ", grad_out.sizes(), " and ",
+              x.sizes());
+  TORCH_CHECK(!per_sample || x.dim() >= 2, op, ": per_sample=True needs x of shape [B, ..., in]");
+  const auto acc = acc_dtype(x.scalar_type());
+  const int64_t batch = per_sample ? x.size(0) : 1;
+  auto scores = at::zeros({batch, n_tasks}, x.options().dtype(acc));
+  if (x.numel() == 0 || batch == 0) return per_sample ? scores : scores.view({n_tasks});
+  auto dy3 = grad_out.reshape({batch, -1, out_f}).to(acc).contiguous();
+  auto x3 = x.reshape({batch, -1, in_f}).to(acc).contiguous();
+  auto w = weight.to(acc);
+
+  // Panel rows so that H [B, p, in] stays around 2 MiB.
+  const int64_t p = std::min(out_f, std::max<int64_t>(8, (2 << 20) / std::max<int64_t>(1, batch * in_f * at::elementSize(acc))));
+  auto h = at::empty({batch, p, in_f}, x3.options());
+  for (int64_t o0 = 0; o0 < out_f; o0 += p) {
+    const int64_t n = std::min(p, out_f - o0);
+    auto hp = h.narrow(1, 0, n);
+    at::bmm_out(hp, dy3.narrow(2, o0, n).transpose(1, 2), x3);
+    hp.mul_(w.narrow(0, o0, n));
+    auto mp = masks.narrow(1, o0, n).to(acc).reshape({n_tasks, n * in_f});
+    scores.addmm_(hp.reshape({batch, n * in_f}), mp.t());
+  }
+  return per_sample ? scores : scores.view({n_tasks});
+}
+
+at::Tensor mixed_task_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks,
+                             const at::Tensor& task_ids, const std::optional<at::Tensor>& bias) {
+  const char* op = "softtf::mixed_task_linear";
+  check_masks(op, masks, weight);
+  check_act(op, "x", x, weight.size(1), weight);
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape [B, ..., in], got ", x.sizes());
+  TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == x.size(0), op,
+              ": task_ids must have shape [", x.size(0), "], got ", task_ids.sizes());
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(0);
+  auto y = new_output(out_shape, x.options());
+  // Samples of one task run through the panel kernel together: one GEMM per task present.
+  for (auto& [t, rows] : group_by_task(task_ids, masks.size(0), op)) {
+    y.index_copy_(0, rows, masked_linear(x.index_select(0, rows), weight, masks[t], bias));
+  }
+  return y;
+}
+
+at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
+                                        const at::Tensor& masks, const at::Tensor& task_ids) {
+  const char* op = "softtf::mixed_task_linear_grad_input";
+  check_masks(op, masks, weight);
+  check_act(op, "grad_out", grad_out, weight.size(0), weight);
+  TORCH_CHECK(grad_out.dim() >= 2, op, ": grad_out must have shape [B, ..., out], got ", grad_out.sizes());
+  TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == grad_out.size(0), op,
+              ": task_ids must have shape [", grad_out.size(0), "], got ", task_ids.sizes());
+  auto dx_shape = grad_out.sizes().vec();
+  dx_shape.back() = weight.size(1);
+  auto dx = new_output(dx_shape, grad_out.options());
+  for (auto& [t, rows] : group_by_task(task_ids, masks.size(0), op)) {
+    dx.index_copy_(0, rows, masked_linear_grad_input(grad_out.index_select(0, rows), weight, masks[t]));
+  }
+  return dx;
+}
+
+TORCH_LIBRARY_IMPL(softtf, CPU, m) {
+  m.impl("_cpp_mask_mixture_grad", &mask_mixture_grad);
+  m.impl("_cpp_mixed_task_linear", &mixed_task_linear);
+  m.impl("_cpp_mixed_task_linear_grad_input", &mixed_task_linear_grad_input);
+}
+
+}  // namespace softtf::cpu

@@ -1,0 +1,227 @@
+"""Task inference by gradient (Gradient ID, from SupSup), batch-level and per sample.
+
+Every masked layer runs with the superposed mask Σ_t α_t M_t at α_t = 1/T. The entropy H of the
+softmax output is differentiated with respect to α; the task whose coefficient most decreases the
+entropy (argmin_t ∂H/∂α_t) is inferred. One backward pass gives every layer's contribution through
+the fused ``mask_mixture_grad`` op. Per sample, α is [B, T] with equal rows: the forward is the
+same batch, and ∂H_b/∂α_b only sees sample b because samples do not interact.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .layer import SoftLinear
+
+__all__ = ["GradientIDResult", "gradient_id", "predict_with_tasks", "soft_layers", "entropy"]
+
+RULES = ("sample", "batch", "binary", "binary-sample")
+
+
+@dataclass
+class GradientIDResult:
+    scores: Tensor  # [B, T] ∂H/∂α (lower = more likely); the k-shot scores repeated for "batch"
+    task_index: Tensor  # [B] long, index into tasks
+    tasks: list[str]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [self.tasks[i] for i in self.task_index.tolist()]
+
+
+def soft_layers(model: nn.Module) -> list[SoftLinear]:
+    layers = [m for m in model.modules() if isinstance(m, SoftLinear)]
+    if not layers:
+        raise ValueError("model has no SoftLinear layers: wrap it first (softtf.wrap)")
+    return layers
+
+
+def _candidate_tasks(layers: list[SoftLinear], tasks: Sequence[str] | None) -> list[str]:
+    learned = layers[0].frozen_tasks
+    for layer in layers[1:]:
+        if layer.frozen_tasks != learned:
+            raise ValueError("SoftLinear layers disagree on their frozen tasks; freeze tasks on the whole model")
+    if tasks is None:
+        tasks = learned
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("Gradient ID needs at least one learned (frozen) task; freeze trained tasks first")
+    for t in tasks:
+        if t not in learned:
+            raise ValueError(f"task {t!r} is not a learned (frozen) task; candidates are {learned}")
+    return tasks
+
+
+def _logits(out: Any) -> Tensor:
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"forward_fn must return logits [B, C] (or an object with .logits), got {got}")
+    return logits
+
+
+def entropy(logits: Tensor, topk: int | None = None) -> Tensor:
+    """Per-sample entropy of softmax(logits) [B], over the top-k logits if ``topk`` is given."""
+    if topk is not None:
+        if not 1 <= topk <= logits.shape[-1]:
+            raise ValueError(f"topk must lie in [1, {logits.shape[-1]}], got {topk}")
+        logits = logits.topk(topk, dim=-1).values
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@contextlib.contextmanager
+def _modes(layers: list[SoftLinear]) -> Iterator[None]:
+    """Restore every layer's mode / active task after a superposed or per-sample pass."""
+    saved = [(l.mode, l.active_task, l._mix_names, l._alpha, l._task_ids) for l in layers]
+    try:
+        yield
+    finally:
+        for l, (mode, active, names, alpha, ids) in zip(layers, saved):
+            l.mode, l.active_task, l._mix_names, l._alpha, l._task_ids = mode, active, names, alpha, ids
+
+
+def _scores(model, layers, forward_fn, inputs, tasks, alpha, topk) -> Tensor:
+    for layer in layers:
+        layer.set_superposed(tasks, alpha)
+    with torch.enable_grad():
+        h = entropy(_logits(forward_fn(inputs)), topk).sum()
+        (g,) = torch.autograd.grad(h, alpha)
+    return g.detach()
+
+
+def _take(inputs: Any, index: Tensor) -> Any:
+    """Rows ``index`` of a batch (a tensor, or a dict / tuple of tensors sharing dim 0)."""
+    if isinstance(inputs, Tensor):
+        return inputs[index]
+    if isinstance(inputs, dict):
+        return {k: _take(v, index) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_take(v, index) for v in inputs)
+    return inputs
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, dict):
+        return _batch_size(next(iter(inputs.values())))
+    if isinstance(inputs, (tuple, list)):
+        return _batch_size(inputs[0])
+    raise TypeError(f"inputs must be a tensor, dict or tuple of tensors, got {type(inputs).__name__}")
+
+
+def gradient_id(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    forward_fn: Callable[[Any], Any] | None = None,
+    tasks: Sequence[str] | None = None,
+    rule: str = "sample",
+    k_shot: int = 7,
+    topk: int | None = None,
+) -> GradientIDResult:
+    """Infer the task of each sample of ``inputs`` by Gradient ID.
+
+    rule:
+      ``"sample"``  each sample its own argmin_t ∂H_b/∂α_t (one forward + backward for the batch);
+      ``"batch"``   the paper's rule: scores from the first ``k_shot`` samples, applied to the batch;
+      ``"binary"``  SupSup's binary search on the k-shot scores (keep tasks with g ≤ median,
+                    recompute over survivors) applied to the batch;
+      ``"binary-sample"`` the binary search per sample (samples grouped by surviving task set).
+    topk: entropy over the top-k logits (the paper uses C/T); None = all logits.
+    Only learned (frozen) tasks are candidates. The model's modes are restored afterwards.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not isinstance(k_shot, int) or k_shot < 1:
+        raise ValueError(f"k_shot must be a positive int, got {k_shot!r}")
+    layers = soft_layers(model)
+    tasks = _candidate_tasks(layers, tasks)
+    forward_fn = model if forward_fn is None else forward_fn
+    n, t = _batch_size(inputs), len(tasks)
+    dev = layers[0].weight.device
+    with _modes(layers):
+        if rule == "sample":
+            alpha = torch.full((n, t), 1.0 / t, device=dev, requires_grad=True)
+            scores = _scores(model, layers, forward_fn, inputs, tasks, alpha, topk)
+            return GradientIDResult(scores, scores.argmin(1), tasks)
+        if rule == "batch":
+            shot = _take(inputs, torch.arange(min(k_shot, n), device=_device_of(inputs)))
+            alpha = torch.full((t,), 1.0 / t, device=dev, requires_grad=True)
+            g = _scores(model, layers, forward_fn, shot, tasks, alpha, topk)
+            return GradientIDResult(g.expand(n, t).clone(), g.argmin().expand(n).clone(), tasks)
+        if rule == "binary":
+            shot = _take(inputs, torch.arange(min(k_shot, n), device=_device_of(inputs)))
+            idx, g = _binary(model, layers, forward_fn, shot, tasks, topk, per_sample=False)
+            return GradientIDResult(g[:1].expand(n, t).clone(), idx[:1].expand(n).clone(), tasks)
+        idx, g = _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample=True)
+        return GradientIDResult(g, idx, tasks)
+
+
+def _device_of(inputs: Any) -> torch.device:
+    if isinstance(inputs, Tensor):
+        return inputs.device
+    if isinstance(inputs, dict):
+        return _device_of(next(iter(inputs.values())))
+    return _device_of(inputs[0])
+
+
+def _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample: bool):
+    """SupSup's binary variant. Returns (task index [B], last-round scores [B, T] with +inf for
+    eliminated tasks). Samples that share a surviving set are scored together."""
+    n, t = _batch_size(inputs), len(tasks)
+    dev = layers[0].weight.device
+    alive = torch.ones(n, t, dtype=torch.bool)
+    scores = torch.zeros(n, t)
+    while bool((alive.sum(1) > 1).any()):
+        groups: dict[tuple[bool, ...], list[int]] = {}
+        rows = range(n) if per_sample else [0]
+        for b in rows:
+            groups.setdefault(tuple(alive[b].tolist()), []).append(b)
+        for key, members in groups.items():
+            keep = torch.tensor(key)
+            if keep.sum() <= 1:
+                continue
+            alpha_row = keep.float() / keep.sum()
+            sel = torch.tensor(members) if per_sample else torch.arange(n)
+            sub = _take(inputs, sel.to(_device_of(inputs)))
+            alpha = alpha_row.to(dev).expand(len(sel), t).clone().requires_grad_(True)
+            g = _scores(model, layers, forward_fn, sub, tasks, alpha, topk).cpu()
+            g = g.masked_fill(~keep, float("inf"))
+            if not per_sample:
+                g = g.sum(0, keepdim=True).expand(len(sel), t)
+            med = g[:, keep].median(dim=1, keepdim=True).values
+            survivors = (g <= med) & keep
+            # keep at least one, and always shrink the set (ties at the median)
+            stuck = survivors.sum(1) == keep.sum()
+            if stuck.any():
+                survivors[stuck] = torch.nn.functional.one_hot(g[stuck].argmin(1), t).bool()
+            alive[sel] = survivors
+            scores[sel] = g
+    return alive.float().argmax(1).to(dev), scores.to(dev)
+
+
+def predict_with_tasks(
+    model: nn.Module,
+    inputs: Any,
+    task_index: Tensor,
+    tasks: Sequence[str],
+    forward_fn: Callable[[Any], Any] | None = None,
+) -> Tensor:
+    """Logits of ``inputs`` with sample b run under task ``tasks[task_index[b]]`` (mixed-task forward)."""
+    layers = soft_layers(model)
+    tasks = list(tasks)
+    n = _batch_size(inputs)
+    if not isinstance(task_index, Tensor) or task_index.dim() != 1 or task_index.shape[0] != n:
+        raise ValueError(f"task_index must be a 1-D tensor with {n} entries (one per sample)")
+    forward_fn = model if forward_fn is None else forward_fn
+    ids = task_index.to(device=layers[0].weight.device, dtype=torch.long)
+    with _modes(layers):
+        for layer in layers:
+            layer.set_per_sample(tasks, ids)
+        return _logits(forward_fn(inputs))
