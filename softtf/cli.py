@@ -1,0 +1,204 @@
+"""The ``softtf`` command line: ``softtf train ...`` and ``softtf bench ...``.
+
+    softtf train --model vit --data digits --tasks 5 --method softtf --task-id prompt --output runs/d
+    softtf train --model bert --pretrained /path/to/bert --data csv:/data/agnews --tasks 2 ...
+    softtf bench [arguments of softtf.benchmark]
+
+``train`` writes ``results.json``, ``accuracy_matrix.png`` and ``accuracy_curve.png`` (plus
+checkpoints and progress) into ``--output``; re-running the same command resumes.
+
+Models: ``--model vit`` without ``--pretrained`` builds a random-init timm VisionTransformer of
+``--img-size/--patch-size/--depth/--embed-dim/--heads`` (small enough for a CPU);
+``--pretrain-epochs N`` then warms it up on the whole training set (a stand-in for pretrained
+weights when nothing can be downloaded; saved in the output directory so a resumed run reuses
+it). ``--pretrained PATH`` loads local weights: for ViT a timm model name via ``--vit-arch``
+plus a ``.safetensors``/``.pth`` state dict; for BERT an HF model directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runner import METHODS, TASK_ID_MODES
+
+    p = argparse.ArgumentParser(prog="softtf", description="Soft-TransFormers continual learning")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run a class-incremental continual-learning experiment")
+    t.add_argument("--model", choices=("vit", "bert"), required=True)
+    t.add_argument("--data", required=True, help="digits | cifar100:PATH | folder:PATH | csv:PATH")
+    t.add_argument("--tasks", type=_positive_int, default=5, help="number of tasks (default 5)")
+    t.add_argument("--method", choices=METHODS, default="softtf")
+    t.add_argument("--task-id", choices=TASK_ID_MODES, default=None, help="task inference at test time (default: prompt; finetune: none)")
+    t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
+    t.add_argument("--epochs", type=_nonneg_int, default=20)
+    t.add_argument("--batch-size", type=_positive_int, default=24)
+    t.add_argument("--lr", type=_positive_float, default=None, help="default 0.03*batch_size/256")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--pretrained", default=None, help="local weights: ViT state dict file or HF BERT directory")
+    t.add_argument("--vit-arch", default=None, help="timm model name for --pretrained ViT weights (e.g. vit_base_patch16_224)")
+    t.add_argument("--img-size", type=_positive_int, default=32)
+    t.add_argument("--patch-size", type=_positive_int, default=8)
+    t.add_argument("--depth", type=_positive_int, default=4)
+    t.add_argument("--embed-dim", type=_positive_int, default=64)
+    t.add_argument("--heads", type=_positive_int, default=4)
+    t.add_argument("--pretrain-epochs", type=_nonneg_int, default=0, help="warm up a random-init ViT on all training data first")
+    t.add_argument("--max-length", type=_positive_int, default=128, help="token length for text data")
+    t.add_argument("--layers", type=int, nargs="+", default=None, help="block indices to mask (default: last 3)")
+    t.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to mask")
+    t.add_argument("--k-shot", type=_positive_int, default=7)
+    t.add_argument("--lora-r", type=_positive_int, default=8)
+    t.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
+
+    b = sub.add_parser("bench", help="kernel benchmarks (softtf.benchmark)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _build_vit(args, out_dir: str, data):
+    import torch
+
+    from .io import load_tensors, save_tensors
+    from .runner import pretrain
+
+    if args.pretrained:
+        import timm
+
+        if not args.vit_arch:
+            raise SystemExit("softtf train: --pretrained with --model vit needs --vit-arch (the timm model name)")
+        if not os.path.isfile(args.pretrained):
+            raise SystemExit(f"softtf train: --pretrained {args.pretrained!r} is not a file")
+        model = timm.create_model(args.vit_arch, pretrained=False, num_classes=0, img_size=args.img_size)
+        if args.pretrained.endswith(".safetensors"):
+            state = load_tensors(args.pretrained)
+        else:
+            state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"softtf train: --pretrained weights do not fit {args.vit_arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if args.img_size % args.patch_size:
+        raise SystemExit(f"softtf train: --img-size {args.img_size} must be divisible by --patch-size {args.patch_size}")
+    if args.embed_dim % args.heads:
+        raise SystemExit(f"softtf train: --embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
+    torch.manual_seed(args.seed)
+    model = VisionTransformer(
+        img_size=args.img_size, patch_size=args.patch_size, num_classes=0,
+        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
+    )
+    if args.pretrain_epochs:
+        path = os.path.join(out_dir, "pretrained_backbone.safetensors")
+        if os.path.isfile(path):
+            model.load_state_dict(load_tensors(path))
+        else:
+            pretrain(model, data.train, data.num_classes, epochs=args.pretrain_epochs, seed=args.seed,
+                     device=args.device, progress=not args.no_progress)
+            model.cpu()
+            save_tensors(path, model.state_dict())
+    return model
+
+
+def _train(args) -> int:
+    import torch
+
+    from .data import load_data
+    from .runner import RunConfig, run_continual
+
+    if args.model == "bert" and not args.data.startswith("csv:"):
+        raise SystemExit(f"softtf train: --model bert needs text data (--data csv:PATH), got {args.data!r}")
+    if args.model == "vit" and args.data.startswith("csv:"):
+        raise SystemExit("softtf train: --model vit needs image data (digits, cifar100:PATH, folder:PATH)")
+    os.makedirs(args.output, exist_ok=True)
+    tokenizer = model = None
+    if args.model == "bert":
+        if not args.pretrained:
+            raise SystemExit("softtf train: --model bert needs --pretrained DIR (a local HF BERT directory)")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer, BertModel
+
+        if not os.path.isdir(args.pretrained):
+            raise SystemExit(f"softtf train: --pretrained {args.pretrained!r} is not a directory")
+        tokenizer = AutoTokenizer.from_pretrained(args.pretrained)
+        model = BertModel.from_pretrained(args.pretrained, add_pooling_layer=False)
+    data = load_data(args.data, img_size=args.img_size, tokenizer=tokenizer, seed=args.seed, max_length=args.max_length)
+    if args.model == "vit":
+        model = _build_vit(args, args.output, data)
+    soft_config = None
+    if args.layers is not None or args.target_modules is not None:
+        from .config import SoftConfig
+
+        soft_config = SoftConfig(target_modules=args.target_modules, layers=args.layers).to_dict()
+    cfg = RunConfig(
+        method=args.method, n_tasks=args.tasks, task_id=args.task_id, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, k_shot=args.k_shot, lora_r=args.lora_r,
+        soft_config=soft_config, device=args.device, progress=not args.no_progress,
+    )
+    torch.manual_seed(args.seed)
+    res = run_continual(model, data, cfg, output_dir=args.output, extra_info={"cli": {"model": args.model, "data": args.data}})
+    summary = {k: res[k] for k in ("method", "task_id_mode", "acc", "forgetting", "bwt", "task_id_accuracy")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``softtf`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "bench":
+        from . import benchmark  # written separately; imported only when asked for
+
+        rc = benchmark.main(argv[1:])
+        return int(rc or 0)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        try:
+            return _train(args)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            parser.exit(2, f"softtf train: error: {exc}\n")
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

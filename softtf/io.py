@@ -1,0 +1,248 @@
+"""Saving and loading soft masks (only the masks, + config and task names) with safetensors.
+
+File layout (one ``.safetensors`` file):
+
+* tensor ``"{layer}::{task}"`` for every masked layer and task: the mask, in the dtype it has in
+  memory (frozen tasks: the layer's ``mask_dtype``; trainable tasks: fp32);
+* tensor ``"extra::{key}"`` for caller-supplied extras (a classifier head, Prompt-ID keys, ...);
+* metadata (strings): ``format = "softtf.masks"``, ``version``, ``config`` (SoftConfig JSON),
+  ``layers`` / ``tasks`` / ``frozen`` (JSON lists), ``active_task``, ``mask_dtype`` and any
+  caller metadata under ``"user."`` keys.
+
+Writes are atomic: the file goes to a temporary name in the target directory, is fsynced, then
+``os.replace``-d over the destination, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import SoftConfig
+from .layer import SoftLinear
+
+__all__ = ["save_masks", "load_masks", "read_mask_file", "load", "atomic_write", "save_tensors", "load_tensors", "FORMAT", "VERSION"]
+
+FORMAT = "softtf.masks"
+VERSION = "1"
+_SEP = "::"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"save: directory {directory!r} of path {path!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _layers_of(model: nn.Module) -> tuple[dict[str, SoftLinear], SoftConfig | None]:
+    from .model import SoftModel, soft_layers
+
+    if isinstance(model, SoftModel):
+        return model.soft_layers, model.soft_config
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a SoftModel or an nn.Module with SoftLinear layers, got {type(model).__name__}")
+    layers = soft_layers(model)
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no SoftLinear layers")
+    return layers, None
+
+
+def _task_state(layers: dict[str, SoftLinear]) -> tuple[list[str], list[str], str | None]:
+    first_name, first = next(iter(layers.items()))
+    for name, layer in layers.items():
+        if layer.tasks != first.tasks or layer.frozen_tasks != first.frozen_tasks:
+            raise ValueError(
+                f"save_masks: layers disagree on tasks: {first_name!r} has {first.tasks} (frozen {first.frozen_tasks}), "
+                f"{name!r} has {layer.tasks} (frozen {layer.frozen_tasks})"
+            )
+    return first.tasks, first.frozen_tasks, first.active_task
+
+
+def save_masks(
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra: dict[str, Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write every task's masks of ``model`` (+ config, task names, optional extras) to ``path``.
+
+    Args:
+        model: a :class:`~softtf.SoftModel` or any module with ``SoftLinear`` layers.
+        path: destination ``.safetensors`` file (its directory must exist); replaced atomically.
+        extra: additional named tensors to store (e.g. ``{"head.weight": ...}``).
+        metadata: additional string metadata (stored under ``"user."`` keys).
+    """
+    layers, config = _layers_of(model)
+    tasks, frozen, active = _task_state(layers)
+    tensors: dict[str, Tensor] = {}
+    for lname, layer in layers.items():
+        for t in tasks:
+            tensors[f"{lname}{_SEP}{t}"] = layer.mask(t).detach().contiguous().cpu()
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"save_masks: extra keys must be non-empty strings, got {key!r}")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"save_masks: extra[{key!r}] must be a Tensor, got {type(value).__name__}")
+        tensors[f"extra{_SEP}{key}"] = value.detach().contiguous().cpu()
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": json.dumps(config.to_dict()) if config is not None else "null",
+        "layers": json.dumps(list(layers)),
+        "tasks": json.dumps(tasks),
+        "frozen": json.dumps(frozen),
+        "active_task": json.dumps(active),
+        "mask_dtype": json.dumps({n: str(layer.mask_dtype).removeprefix("torch.") for n, layer in layers.items()}),
+    }
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"save_masks: metadata must map str to str, got {key!r}: {type(value).__name__}")
+        meta["user." + key] = value
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """Read a mask file: ``(tensors, info)`` where ``info`` has the decoded metadata
+    (``config`` as a :class:`SoftConfig` or ``None``, ``layers``, ``tasks``, ``frozen``,
+    ``active_task``, ``mask_dtype``, ``user``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_masks: no mask file at {path!r}")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"load_masks: {path!r} is not a readable safetensors file ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"load_masks: {path!r} is not a softtf mask file (metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"load_masks: {path!r} has format version {meta.get('version')!r}, this softtf reads {VERSION!r}")
+    try:
+        cfg = json.loads(meta["config"])
+        info = {
+            "config": None if cfg is None else SoftConfig.from_dict(cfg),
+            "layers": json.loads(meta["layers"]),
+            "tasks": json.loads(meta["tasks"]),
+            "frozen": json.loads(meta["frozen"]),
+            "active_task": json.loads(meta["active_task"]),
+            "mask_dtype": json.loads(meta["mask_dtype"]),
+            "user": {k[5:]: v for k, v in meta.items() if k.startswith("user.")},
+        }
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"load_masks: {path!r} has corrupt metadata ({exc!r})") from exc
+    return tensors, info
+
+
+def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
+    """Add the tasks stored in ``path`` to ``model`` (same layers, shapes and mask dtypes).
+
+    Every check runs before the model is touched: the file's layers must be exactly the model's
+    masked layers, no stored task may already exist in the model, every mask must have its
+    layer's weight shape and the dtype it was saved with (frozen: the layer's ``mask_dtype``;
+    trainable: the layer's training dtype). Frozen tasks are frozen again in the saved order;
+    the saved active task is selected. Returns the extra tensors (keys without ``"extra::"``).
+    """
+    layers, config = _layers_of(model)
+    tensors, info = read_mask_file(path)
+    path = os.fspath(path)
+    file_layers, tasks, frozen = info["layers"], info["tasks"], info["frozen"]
+    missing = [n for n in layers if n not in file_layers]
+    unexpected = [n for n in file_layers if n not in layers]
+    if missing or unexpected:
+        raise ValueError(
+            f"load_masks: {path!r} does not match the model's masked layers: missing in file {missing[:6]}, "
+            f"not in model {unexpected[:6]} (file config: {info['config'] and info['config'].to_dict()}, "
+            f"model config: {config and config.to_dict()})"
+        )
+    existing = next(iter(layers.values())).tasks
+    clash = [t for t in tasks if t in existing]
+    if clash:
+        raise ValueError(f"load_masks: tasks {clash} from {path!r} already exist in the model (tasks: {existing}); delete them first")
+    if not set(frozen) <= set(tasks):
+        raise ValueError(f"load_masks: {path!r} lists frozen tasks {frozen} that are not among its tasks {tasks}")
+    for lname, layer in layers.items():
+        w = layer.weight
+        train_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        for t in tasks:
+            key = f"{lname}{_SEP}{t}"
+            if key not in tensors:
+                raise ValueError(f"load_masks: {path!r} has no mask for layer {lname!r} task {t!r} (key {key!r})")
+            m = tensors[key]
+            if tuple(m.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"load_masks: layer {lname!r} task {t!r}: expected mask shape {tuple(w.shape)}, got {tuple(m.shape)}"
+                )
+            want = layer.mask_dtype if t in frozen else train_dtype
+            if m.dtype != want:
+                raise ValueError(
+                    f"load_masks: layer {lname!r} task {t!r}: expected mask dtype {want} "
+                    f"({'frozen' if t in frozen else 'trainable'}), got {m.dtype}"
+                )
+    mask_keys = {f"{l}{_SEP}{t}" for l in file_layers for t in tasks}
+    stray = [k for k in tensors if k not in mask_keys and not k.startswith("extra" + _SEP)]
+    if stray:
+        raise ValueError(f"load_masks: {path!r} has tensors that are neither masks nor extras: {stray[:6]}")
+
+    for lname, layer in layers.items():
+        for t in tasks:
+            layer.add_task(t)
+            with torch.no_grad():
+                layer.masks[t].copy_(tensors[f"{lname}{_SEP}{t}"].to(layer.masks[t].device))
+        for t in frozen:
+            layer.freeze_task(t)
+        active = info["active_task"]
+        if active is not None and active in layer.tasks:
+            layer.set_task(active)
+    return {k[len("extra" + _SEP):]: v for k, v in tensors.items() if k.startswith("extra" + _SEP)}
+
+
+def load(model: nn.Module, path: str | os.PathLike):
+    """Wrap a fresh base ``model`` with the config stored in ``path`` and load its masks.
+
+    Returns ``(soft_model, extras)``."""
+    from .model import wrap
+
+    _, info = read_mask_file(path)
+    if info["config"] is None:
+        raise ValueError(f"load: {os.fspath(path)!r} stores no SoftConfig (it was saved from a bare module); wrap the model yourself and call load_masks")
+    soft = wrap(model, info["config"])
+    try:
+        extras = load_masks(soft, path)
+    except Exception:
+        soft.unwrap()
+        raise
+    return soft, extras
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write plain named tensors (checkpoints of baselines) to a safetensors file."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_tensors: no file at {path!r}")
+    with safe_open(path, framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}

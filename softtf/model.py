@@ -1,0 +1,261 @@
+"""SoftModel: a pretrained model whose targeted ``nn.Linear`` layers became ``SoftLinear`` (PEFT-like).
+
+    >>> import timm, softtf
+    >>> vit = timm.create_model("vit_base_patch16_224", pretrained=False)
+    >>> model = softtf.wrap(vit)                  # qkv + proj of blocks 9, 10, 11
+    >>> model.add_task("task0")                   # all-ones mask: outputs equal the pretrained model
+    >>> model.print_trainable_parameters()
+    >>> ...train...; model.freeze_task("task0")
+    >>> with model.disable_masks():               # the pretrained model, e.g. for Prompt-ID queries
+    ...     q = model.forward_features(x)
+    >>> model.save_masks("masks.safetensors")
+    >>> vit = model.unwrap()                      # the original nn.Linear modules are back
+
+Every lifecycle method applies to every ``SoftLinear`` of the model, so all layers always hold
+the same tasks in the same order.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import SoftConfig, resolve_config
+from .layer import SoftLinear
+
+__all__ = ["SoftModel", "wrap", "soft_layers"]
+
+
+def soft_layers(model: nn.Module) -> dict[str, SoftLinear]:
+    """Every ``SoftLinear`` in ``model``, by dotted name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SoftLinear)}
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class _MaskSwitch:
+    """Disables every mask on creation; as a context manager, restores the previous modes on exit."""
+
+    def __init__(self, layers: Sequence[SoftLinear]):
+        self._layers = list(layers)
+        self._saved = [layer.mode for layer in self._layers]
+        for layer in self._layers:
+            layer.disable_masks()
+
+    def __enter__(self) -> "_MaskSwitch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, mode in zip(self._layers, self._saved):
+            layer.mode = mode
+
+
+class SoftModel(nn.Module):
+    """A model with soft-masked linear layers and a PEFT-like task lifecycle.
+
+    Build it with :func:`wrap`. Calling it calls the wrapped model; attribute look-ups that
+    ``SoftModel`` does not define fall through to the wrapped model (``forward_features``,
+    ``config``, ...). The wrapped model is ``self.model`` (its modules are modified in place).
+    """
+
+    def __init__(self, model: nn.Module, config: SoftConfig | None = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"wrap: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, SoftModel):
+            raise ValueError("wrap: model is already a SoftModel")
+        if soft_layers(model):
+            raise ValueError(f"wrap: model already contains SoftLinear layers: {list(soft_layers(model))[:4]}")
+        resolved, names = resolve_config(model, config)
+        # Record the trainability to restore on unwrap(), then freeze everything.
+        self._orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        for n in names:
+            base = model.get_submodule(n)
+            _set_submodule(model, n, SoftLinear(base, mask_dtype=resolved.mask_dtype))
+        modules = dict(model.named_modules())
+        self._saved_modules = sorted(
+            n for n in modules if n and any(n == h or n.endswith("." + h) for h in resolved.modules_to_save)
+        )
+        for n in self._saved_modules:
+            modules[n].requires_grad_(True)
+        self.model = model
+        self.soft_config = resolved
+        self._layer_names = list(names)
+        self._unwrapped = False
+
+    # ------------------------------------------------------------------ plumbing
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        self._check_live()
+        return self.model(*args, **kwargs)
+
+    def _check_live(self) -> None:
+        if self._unwrapped:
+            raise RuntimeError("SoftModel: this model was unwrapped; wrap the returned model again to use masks")
+
+    @property
+    def soft_layers(self) -> dict[str, SoftLinear]:
+        """The ``SoftLinear`` layers by name (relative to the wrapped model), in model order."""
+        self._check_live()
+        return {n: self.model.get_submodule(n) for n in self._layer_names}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layer_names)
+
+    def _layers(self) -> list[SoftLinear]:
+        return list(self.soft_layers.values())
+
+    def _first(self) -> SoftLinear:
+        return self._layers()[0]
+
+    # ------------------------------------------------------------------ task lifecycle
+    @property
+    def tasks(self) -> list[str]:
+        """Every task, in the order it was added."""
+        return self._first().tasks
+
+    @property
+    def frozen_tasks(self) -> list[str]:
+        return self._first().frozen_tasks
+
+    @property
+    def active_task(self) -> str | None:
+        return self._first().active_task
+
+    def add_task(self, name: str, init: Any = None, seed: int | None = None) -> None:
+        """Add a task to every masked layer and make it active (its masks train).
+
+        Args:
+            name: task name, ``[A-Za-z0-9_-]+``, unique.
+            init: ``"ones"`` or ``("uniform", low, high)``; default: ``config.mask_init``.
+            seed: seeds the uniform init (one generator, layers in model order).
+        """
+        self._check_live()
+        init = self.soft_config.mask_init if init is None else SoftConfig(mask_init=init).mask_init
+        if name in self.tasks:
+            raise ValueError(f"SoftModel.add_task: task {name!r} already exists (tasks: {self.tasks})")
+        layers = self._layers()
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=layers[0].weight.device)
+            gen.manual_seed(int(seed))
+        for layer in layers:
+            layer.add_task(name, init=init, generator=gen)
+
+    def set_task(self, name: str, train: bool | None = None) -> None:
+        """Select ``name`` in every layer (single-task mode); its masks train unless it is frozen."""
+        self._check_live()
+        self._check_task(name, "set_task")
+        for layer in self._layers():
+            layer.set_task(name, train=train)
+
+    def freeze_task(self, name: str) -> None:
+        """Freeze ``name`` in every layer: its masks move into the frozen store and never train again."""
+        self._check_live()
+        self._check_task(name, "freeze_task")
+        if name in self.frozen_tasks:
+            raise ValueError(f"SoftModel.freeze_task: task {name!r} is already frozen")
+        for layer in self._layers():
+            layer.freeze_task(name)
+
+    def delete_task(self, name: str) -> None:
+        """Remove ``name`` from every layer."""
+        self._check_live()
+        self._check_task(name, "delete_task")
+        for layer in self._layers():
+            layer.delete_task(name)
+
+    def _check_task(self, name: str, where: str) -> None:
+        if name not in self.tasks:
+            raise KeyError(f"SoftModel.{where}: unknown task {name!r} (tasks: {self.tasks or 'none'})")
+
+    def disable_masks(self) -> _MaskSwitch:
+        """Run the pretrained model. Use as ``with model.disable_masks(): ...`` to restore the
+        previous modes afterwards; called bare it stays disabled until :meth:`enable_masks`."""
+        self._check_live()
+        return _MaskSwitch(self._layers())
+
+    def enable_masks(self) -> None:
+        """Back to single-task mode on the active task."""
+        self._check_live()
+        for layer in self._layers():
+            layer.enable_masks()
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The trainable mask parameters of the active task (for an optimizer)."""
+        return [p for layer in self._layers() for p in layer.masks.values() if p.requires_grad]
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts; total counts base weights, masks and frozen masks."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters()) + sum(
+            layer.frozen_masks.numel() for layer in self._layers()
+        )
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        pct = 100.0 * trainable / max(total, 1)
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}")
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ save / load / unwrap
+    def save_masks(self, path: str | os.PathLike, extra: dict[str, Tensor] | None = None, metadata: dict | None = None) -> None:
+        """Write masks + config + task names to ``path`` (safetensors, atomic). See :mod:`softtf.io`."""
+        from .io import save_masks
+
+        save_masks(self, path, extra=extra, metadata=metadata)
+
+    def load_masks(self, path: str | os.PathLike) -> dict[str, Tensor]:
+        """Add the tasks stored at ``path`` to this model; returns the extra tensors stored with them."""
+        from .io import load_masks
+
+        return load_masks(self, path)
+
+    def unwrap(self) -> nn.Module:
+        """Put the original ``nn.Linear`` modules back, restore every parameter's original
+        ``requires_grad`` and return the wrapped model. This SoftModel is unusable afterwards."""
+        self._check_live()
+        for n in self._layer_names:
+            _set_submodule(self.model, n, self.model.get_submodule(n).base_layer)
+        for n, p in self.model.named_parameters():
+            if n in self._orig_requires_grad:
+                p.requires_grad_(self._orig_requires_grad[n])
+        self._unwrapped = True
+        model = self.model
+        return model
+
+    def extra_repr(self) -> str:
+        if self._unwrapped:
+            return "unwrapped"
+        return f"layers={len(self._layer_names)}, tasks={self.tasks}, active={self.active_task}"
+
+
+def wrap(model: nn.Module, config: SoftConfig | None = None) -> SoftModel:
+    """Swap the targeted ``nn.Linear`` modules of ``model`` for ``SoftLinear`` and freeze the rest.
+
+    ``model`` is modified in place (its targeted submodules are replaced); :meth:`SoftModel.unwrap`
+    undoes it. With ``config=None`` (or ``None`` fields) the defaults of the architecture apply:
+    timm ViT -> ``attn.qkv`` + ``attn.proj`` of the last 3 blocks; HF BERT -> ``attention.self.
+    {query,key,value}`` of the last 3 layers; the classifier head (``head`` / ``classifier``) stays
+    trainable when it has parameters. No task exists yet: call :meth:`SoftModel.add_task`.
+    """
+    return SoftModel(model, config)

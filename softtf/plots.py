@@ -1,0 +1,68 @@
+"""Plots of a continual-learning run (matplotlib, Agg backend; files only, no display)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["plot_accuracy_matrix", "plot_accuracy_curve"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    from .io import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot_accuracy_matrix(A, path: str | os.PathLike, title: str = "") -> None:
+    """Heat map of ``A[i, j]`` (accuracy on task j after training task i), values annotated."""
+    from .metrics import accuracy_matrix
+
+    A = accuracy_matrix(A)
+    plt = _pyplot()
+    n = A.shape[0]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    im = ax.imshow(np.ma.masked_invalid(A), vmin=0, vmax=100, cmap="viridis")
+    for i in range(n):
+        for j in range(i + 1):
+            ax.text(j, i, f"{A[i, j]:.0f}", ha="center", va="center", color="w" if A[i, j] < 60 else "k", fontsize=8)
+    ax.set_xlabel("evaluated task j")
+    ax.set_ylabel("after training task i")
+    ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
+    ax.set_yticks(range(n), [str(i + 1) for i in range(n)])
+    ax.set_title(title or "accuracy matrix A[i, j] (%)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    _save(fig, os.fspath(path))
+    plt.close(fig)
+
+
+def plot_accuracy_curve(A, path: str | os.PathLike, title: str = "") -> None:
+    """Average accuracy over seen tasks and accuracy on each task, as tasks are learned."""
+    from .metrics import accuracy_matrix, average_accuracy
+
+    A = accuracy_matrix(A)
+    plt = _pyplot()
+    n = A.shape[0]
+    x = np.arange(1, n + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for j in range(n):
+        ax.plot(x[j:], A[j:, j], color="0.7", lw=1, marker=".", label="per task" if j == 0 else None)
+    ax.plot(x, [average_accuracy(A, t) for t in range(n)], color="C0", lw=2, marker="o", label="average over seen tasks")
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 101)
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title or "accuracy over tasks")
+    _save(fig, os.fspath(path))
+    plt.close(fig)
