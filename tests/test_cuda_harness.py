@@ -39,18 +39,21 @@ def _compiler() -> str | None:
     return None
 
 
-def _build_cmd(out_dir: Path, planted: bool) -> tuple[list[str], Path]:
-    lib = out_dir / ("libsofttf_harness_bug.so" if planted else "libsofttf_harness.so")
-    cmd = [_compiler(), "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           "-I", str(ROOT / "csrc"), "-I", str(HARNESS.parent), str(HARNESS), "-o", str(lib)]
-    if planted:
-        cmd.insert(1, "-DSOFTTF_PLANT_BUG")
+# Harness variants: the real kernels, and two with a deliberately planted defect.
+VARIANTS = {"ok": [], "bug": ["-DSOFTTF_PLANT_BUG"], "race": ["-DSOFTTF_PLANT_RACE"]}
+
+
+def _build_cmd(out_dir: Path, name: str) -> tuple[list[str], Path]:
+    lib = out_dir / f"libsofttf_harness_{name}.so"
+    cmd = [_compiler(), *VARIANTS[name], "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall",
+           "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc"), "-I", str(HARNESS.parent), str(HARNESS),
+           "-o", str(lib)]
     return cmd, lib
 
 
 def _build_all(out_dir: Path) -> dict[str, ctypes.CDLL]:
-    """Builds the harness and its planted-bug variant (in parallel) and loads both."""
-    jobs = {name: _build_cmd(out_dir, planted) for name, planted in (("ok", False), ("bug", True))}
+    """Builds the harness and its planted-defect variants (in parallel) and loads them."""
+    jobs = {name: _build_cmd(out_dir, name) for name in VARIANTS}
     procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (cmd, _) in jobs.items()}
     libs = {}
@@ -347,3 +350,17 @@ def test_planted_tail_bug_is_caught(libs, gen):
         # No tails (every contiguous extent a multiple of the chunk width): the bug is invisible.
         x, w, m = rand((7, 64), dt, gen), rand((48, 64), dt, gen), rand_mask((48, 64), torch.float32, gen)
         assert_close_rel(h_masked_linear(bug, x, w, m), R.masked_linear(_d(x), _d(w), _d(m)), dt, "no tails")
+
+
+def test_planted_missing_barrier_is_caught(libs, gen):
+    """-DSOFTTF_PLANT_RACE removes the __syncthreads between staging a tile in shared memory and
+    the MMA step. The fiber scheduler runs threads in a shuffled order in every barrier phase, so
+    some threads multiply tiles that others have not written yet (poisoned NaN or stale data)."""
+    race = libs["race"]
+    for dt in (torch.float32, torch.bfloat16):
+        x, w = rand((70, 64), dt, gen), rand((64, 64), dt, gen)
+        m = rand_mask((64, 64), torch.float32, gen)
+        y = h_masked_linear(race, x, w, m)
+        ref = R.masked_linear(_d(x), _d(w), _d(m))
+        with pytest.raises(AssertionError, match="non-finite|max error"):
+            assert_close_rel(y, ref, dt, "planted race")

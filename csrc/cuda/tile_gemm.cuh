@@ -291,7 +291,9 @@ SOFTTF_HD void gemm_block(Ctx& ctx, const GemmParams& p) {
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
       ta.commit(tid, As, L::LDA_S);
       tb.commit(tid, Bs, L::LDB_S);
+#ifndef SOFTTF_PLANT_RACE  // harness self-test: a missing __syncthreads before the MMA step
       ctx.sync();
+#endif
       if (kt + 1 < k_tiles) fetch((kt + 1) * BK);  // next tile's loads overlap this tile's MMAs
       compute_tc<T, A_K, B_K>(ctx, acc, As, Bs);
       ctx.sync();
@@ -314,7 +316,9 @@ SOFTTF_HD void gemm_block(Ctx& ctx, const GemmParams& p) {
     for (int64_t kt = 0; kt < k_tiles; ++kt) {
       ta.commit(tid, As, L::LDA_S);
       tb.commit(tid, Bs, L::LDB_S);
+#ifndef SOFTTF_PLANT_RACE  // harness self-test: a missing __syncthreads before the MMA step
       ctx.sync();
+#endif
       if (kt + 1 < k_tiles) fetch((kt + 1) * BK);
       compute_simt<A_K, B_K>(tid, acc, As, Bs);
       ctx.sync();
