@@ -10,13 +10,18 @@ and the largest out x in temporary the forward allocates (must be none: panels o
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+import sys
 
 import torch
 from torch import nn
 
-import softtf
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import memory_profile  # noqa: E402
+
+import softtf  # noqa: E402
 
 
 def timeit(fn, repeats: int, warmup: int = 3) -> float:
@@ -29,16 +34,6 @@ def timeit(fn, repeats: int, warmup: int = 3) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3
-
-
-def largest_alloc_bytes(fn) -> int:
-    """Largest single CPU allocation made by fn(), from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
-    return max(sizes, default=0)
 
 
 def bench_shape(fin: int, fout: int, tokens: int, repeats: int, dtype=torch.float32) -> dict:
@@ -84,7 +79,7 @@ def bench_shape(fin: int, fout: int, tokens: int, repeats: int, dtype=torch.floa
     r["fwd_vs_plain"] = best["soft_fwd"] / best["plain_fwd"]
     r["fwd_vs_eager"] = best["soft_fwd"] / best["eager_fwd"]
     r["fb_vs_eager"] = best["soft_fb"] / best["eager_fb"]
-    r["fwd_largest_alloc_MiB"] = largest_alloc_bytes(soft_fwd) / 2**20
+    r["fwd_largest_alloc_MiB"] = memory_profile(soft_fwd)[1] / 2**20
     r["full_mask_MiB"] = fout * fin * torch.finfo(dtype).bits / 8 / 2**20
     return r
 

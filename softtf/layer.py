@@ -49,7 +49,15 @@ class _SuperposedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, masks, alpha, bias):
         a = alpha if alpha.dim() == 1 else alpha[0]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mbar = torch.einsum("t,toi->oi", a.detach().to(acc), masks.to(acc))  # one [out, in], not T
+        # M̄ = Σ_t α_t M_t: one [out, in] buffer. fp32 masks: one GEMV reading each mask once;
+        # low-precision masks: accumulate task by task rather than upcasting all T at once.
+        a = a.detach().to(acc)
+        if masks.dtype == acc:
+            mbar = torch.mv(masks.reshape(masks.shape[0], -1).t(), a).view(masks.shape[1:])
+        else:
+            mbar = torch.zeros(masks.shape[1:], dtype=acc, device=masks.device)
+            for t in range(masks.shape[0]):
+                mbar.add_(masks[t], alpha=float(a[t]))
         ctx.save_for_backward(x, weight, masks, mbar)
         ctx.per_sample = alpha.dim() == 2
         ctx.alpha_dtype = alpha.dtype

@@ -241,3 +241,21 @@ def test_gradient_id_errors(gen):
         predict_with_tasks(model, x, torch.tensor([0, 1]), model[0].tasks)
     with pytest.raises(ValueError, match=r"rows of a per-sample alpha \[B, T\] must be equal"):
         softtf.layer.superposed_linear(x, model[0].weight, model[0].frozen_masks, torch.rand(3, 3), None)
+
+
+@pytest.mark.parametrize("mdt", [torch.float32, torch.bfloat16])
+def test_superposed_linear_grads_match_oracle(gen, mdt):
+    B, N, fin, fout, T = 4, 3, 20, 9, 5
+    x = rand((B, N, fin), torch.float32, gen).requires_grad_()
+    w, b = rand((fout, fin), torch.float32, gen), rand((fout,), torch.float32, gen)
+    masks = rand_mask((T, fout, fin), mdt, gen)
+    alpha = torch.rand(T, generator=gen).expand(B, T).clone().requires_grad_()
+    y = softtf.layer.superposed_linear(x, w, masks, alpha, b)
+    dy = rand(y.shape, torch.float32, gen)
+    dx, da = torch.autograd.grad(y, (x, alpha), dy)
+    xr, ar = x.detach().double().requires_grad_(), alpha.detach().double().requires_grad_()
+    yr = torch.einsum("bni,boi->bno", xr, w.double() * torch.einsum("bt,toi->boi", ar, masks.double())) + b.double()
+    rx, ra = torch.autograd.grad(yr, (xr, ar), dy.double())
+    assert_close_rel(y, yr.detach(), torch.float32, "y")
+    assert_close_rel(dx, rx, torch.float32, "dx")
+    assert_close_rel(da, ra, torch.float32, "dalpha")
