@@ -41,7 +41,8 @@ flags=(-std=c++20 -O3 --expt-relaxed-constexpr -lineinfo
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
        -Werror all-warnings -Xptxas -v -I "$here/csrc")
-# Extra flags for experiments, e.g. NVCC_EXTRA_FLAGS=-maxrregcount=32 to see the spill check fire.
+# Extra nvcc flags (NVCC_EXTRA_FLAGS), e.g. for experiments. Note __launch_bounds__ on the kernels
+# takes precedence over -maxrregcount.
 read -r -a extra <<<"${NVCC_EXTRA_FLAGS:-}"
 flags+=("${extra[@]}")
 
