@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to mask")
     t.add_argument("--k-shot", type=_positive_int, default=7)
     t.add_argument("--lora-r", type=_positive_int, default=8)
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
 
     b = sub.add_parser("bench", help="kernel benchmarks (softtf.benchmark)", add_help=False)
@@ -149,6 +150,8 @@ def _train(args) -> int:
         raise SystemExit(f"softtf train: --model bert needs text data (--data csv:PATH), got {args.data!r}")
     if args.model == "vit" and args.data.startswith("csv:"):
         raise SystemExit("softtf train: --model vit needs image data (digits, cifar100:PATH, folder:PATH)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.output, exist_ok=True)
     tokenizer = model = None
     if args.model == "bert":

@@ -14,7 +14,7 @@ Task inference at test time (``task_id``):
 * ``gradient``        Gradient ID, the paper's batch rule: scores from the first ``k_shot`` samples
                       of a test batch applied to the whole batch (test batches hold one task);
 * ``gradient-sample`` Gradient ID per sample (no leak of the test-set grouping);
-* ``gradient-binary`` SupSup's binary search variant, per sample.
+* ``gradient-binary`` SupSup's binary search (keep tasks with g <= median, repeat), per sample.
 
 With task inference the head is restricted to the inferred task's classes (``restrict_head``).
 
@@ -61,7 +61,7 @@ __all__ = [
 
 METHODS = ("softtf", "finetune", "lora")
 TASK_ID_MODES = ("none", "oracle", "prompt", "gradient", "gradient-sample", "gradient-binary")
-_GRADIENT_RULES = {"gradient": "batch", "gradient-sample": "sample", "gradient-binary": "binary"}
+_GRADIENT_RULES = {"gradient": "batch", "gradient-sample": "sample", "gradient-binary": "binary-sample"}
 
 
 # ---------------------------------------------------------------------- configuration
@@ -234,6 +234,11 @@ class Learner:
     def state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise NotImplementedError
 
+    def save(self, path: str, extra: dict[str, Tensor]) -> None:
+        """Checkpoint after a task: the learner's tensors + ``extra`` (head, keys), atomically."""
+        tensors, meta = self.state()
+        save_tensors(path, {**tensors, **{f"extra::{k}": v for k, v in extra.items()}}, meta)
+
     def load_state(self, path: str, tasks: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -280,11 +285,8 @@ class SoftTFLearner(Learner):
         remap = torch.tensor([tasks.index(n) for n in names], dtype=torch.long)
         return remap[res.task_index.long().cpu()]
 
-    def state(self):
-        return {}, {}
-
     def save(self, path: str, extra: dict[str, Tensor]) -> None:
-        save_masks(self.soft, path, extra=extra)
+        save_masks(self.soft, path, extra=extra)  # masks + config + task names (softtf.io format)
 
     def load_state(self, path, tasks):
         extras = load_masks(self.soft, path)
@@ -369,16 +371,23 @@ def pretrain(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
+    warmup_steps: int = 20,
 ) -> nn.Module:
     """Supervised warm-up of a random-init backbone on ``dataset`` (a stand-in for pretrained
     weights in offline demos and tests; it sees every class, so it is not part of a CL protocol).
-    A temporary head is trained with it and discarded; returns ``model`` (trained in place)."""
+    The backbone's own classifier is removed (``reset_classifier(0)`` for a ViT); a temporary
+    head is trained with it and discarded; AdamW with linear warm-up. Returns ``model``
+    (trained in place, left in eval mode)."""
     torch.manual_seed(seed)
     clf = ContinualClassifier(model, num_classes).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.01)
     clf.train()
+    step = 0
     for ep in range(epochs):
         for x, y in _tqdm(_loader(dataset, batch_size, True, seed + ep), progress, desc=f"pretrain {ep}"):
+            for group in opt.param_groups:  # linear warm-up: ViTs trained from scratch diverge without it
+                group["lr"] = lr * min(1.0, (step + 1) / max(warmup_steps, 1))
+            step += 1
             loss = F.cross_entropy(clf(_to(x, device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -531,11 +540,7 @@ def run_continual(
             extra = {"head.weight": clf.head.weight, "head.bias": clf.head.bias}
             if pid is not None:
                 extra.update({f"prompt_key.{k}": v for k, v in pid.keys.items()})
-            if isinstance(learner, SoftTFLearner):
-                learner.save(ck, extra)
-            else:
-                tensors, meta = learner.state()
-                save_tensors(ck, {**tensors, **{f"extra::{k}": v for k, v in extra.items()}}, meta)
+            learner.save(ck, extra)
             _write_json(
                 os.path.join(output_dir, "progress.json"),
                 _json_safe({

@@ -123,7 +123,7 @@ def test_custom_config_regex_layers_and_modules_to_save(capsys):
     assert soft.soft_config.layers == [0, 3]
     soft.add_task("a", init=("uniform", 0.99, 1.0), seed=3)
     assert not model.head.weight.requires_grad
-    m = soft.soft_layers["blocks.0.mlp.fc1"].mask("a")
+    m = soft.soft_layers["blocks.0.mlp.fc1"].mask("a").detach()
     assert 0.99 <= float(m.min()) and float(m.max()) <= 1.0 and float(m.std()) > 0
     trainable, total = soft.get_nb_trainable_parameters()
     assert trainable == sum(l.weight.numel() for l in soft.soft_layers.values())

@@ -1,0 +1,112 @@
+"""The softtf command line: argument errors, a tiny train run on digits, bench forwarding."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from softtf.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2-core CI boxes shared with other jobs: one thread avoids OpenMP oversubscription stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def base_args(tmp_path, *extra):
+    return ["train", "--model", "vit", "--data", "digits", "--output", str(tmp_path / "run"), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--tasks", "0"], "expected a positive integer, got 0"),
+        (["--epochs", "-1"], "expected an integer >= 0, got -1"),
+        (["--lr", "abc"], "expected a positive number, got 'abc'"),
+        (["--method", "ewc"], "invalid choice: 'ewc'"),
+        (["--task-id", "magic"], "invalid choice: 'magic'"),
+    ],
+)
+def test_argparse_errors(tmp_path, capsys, extra, match):
+    with pytest.raises(SystemExit) as exc:
+        main(base_args(tmp_path, *extra))
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--method", "finetune", "--task-id", "prompt"], "method 'finetune' supports task_id in"),
+        (["--tasks", "3"], "num_classes=10 is not divisible by n_tasks=3"),
+        (["--layers", "9"], "layers contains 9"),
+    ],
+)
+def test_config_errors_exit_with_message(tmp_path, capsys, extra, match):
+    with pytest.raises(SystemExit) as exc:
+        main(base_args(tmp_path, "--epochs", "0", "--depth", "2", "--img-size", "16", "--patch-size", "4", *extra))
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_model_data_mismatch_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--model bert needs text data"):
+        main(["train", "--model", "bert", "--data", "digits", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--model vit needs image data"):
+        main(["train", "--model", "vit", "--data", "csv:x.csv", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="must be divisible by --patch-size 5"):
+        main(base_args(tmp_path, "--patch-size", "5"))
+    with pytest.raises(SystemExit, match="--pretrained with --model vit needs --vit-arch"):
+        main(base_args(tmp_path, "--pretrained", "w.pt"))
+
+
+def test_train_digits_writes_results_and_plots(tmp_path, capsys):
+    args = base_args(
+        tmp_path, "--tasks", "2", "--epochs", "1", "--img-size", "16", "--patch-size", "4", "--depth", "2",
+        "--embed-dim", "32", "--method", "softtf", "--task-id", "oracle", "--lr", "0.01", "--threads", "1",
+    )
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "softtf" and summary["task_id_mode"] == "oracle"
+    run = tmp_path / "run"
+    res = json.loads((run / "results.json").read_text())
+    assert len(res["accuracy_matrix"]) == 2 and res["accuracy_matrix"][0][1] is None
+    assert res["forgetting"] == 0.0  # oracle Soft-TF: frozen masks, untouched head rows
+    for png in ("accuracy_matrix.png", "accuracy_curve.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
+    # same command again: both tasks are finished, nothing retrains, same results
+    assert main(args) == 0
+    assert json.loads((run / "results.json").read_text())["accuracy_matrix"] == res["accuracy_matrix"]
+    # a different configuration in the same directory is refused
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--lr", "0.02"])
+    assert "belongs to a different run" in capsys.readouterr().err
+
+
+def test_bench_forwards_remaining_arguments(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("softtf.benchmark")
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 0
+
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "softtf.benchmark", fake)
+    import softtf
+
+    monkeypatch.setattr(softtf, "benchmark", fake, raising=False)
+    assert main(["bench", "--op", "masked_linear", "--sizes", "64"]) == 0
+    assert seen["argv"] == ["--op", "masked_linear", "--sizes", "64"]
+
+
+def test_no_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
