@@ -69,6 +69,7 @@ def test_train_digits_writes_results_and_plots(tmp_path, capsys):
     args = base_args(
         tmp_path, "--tasks", "2", "--epochs", "1", "--img-size", "16", "--patch-size", "4", "--depth", "2",
         "--embed-dim", "32", "--method", "softtf", "--task-id", "oracle", "--lr", "0.01", "--threads", "1",
+        "--pretrain-epochs", "1",
     )
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -80,9 +81,11 @@ def test_train_digits_writes_results_and_plots(tmp_path, capsys):
     for png in ("accuracy_matrix.png", "accuracy_curve.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["task_000.safetensors", "task_001.safetensors"]
+    warm = (run / "pretrained_backbone.safetensors").read_bytes()  # the warmed-up backbone, reused on resume
     # same command again: both tasks are finished, nothing retrains, same results
     assert main(args) == 0
     assert json.loads((run / "results.json").read_text())["accuracy_matrix"] == res["accuracy_matrix"]
+    assert (run / "pretrained_backbone.safetensors").read_bytes() == warm
     # a different configuration in the same directory is refused
     with pytest.raises(SystemExit):
         main([*args[:-2], "--lr", "0.02"])
@@ -110,3 +113,13 @@ def test_no_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
+
+
+def test_pretrained_vit_weights_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(SystemExit, match="--pretrained .*missing.pt' is not a file"):
+        main(base_args(tmp_path, "--pretrained", str(tmp_path / "missing.pt"), "--vit-arch", "vit_tiny_patch16_224"))
+    save_file({"foo": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(SystemExit, match=r"weights do not fit vit_tiny_patch16_224: missing \['cls_token'"):
+        main(base_args(tmp_path, "--pretrained", str(tmp_path / "w.safetensors"), "--vit-arch", "vit_tiny_patch16_224"))
