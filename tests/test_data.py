@@ -219,3 +219,27 @@ def test_load_data_dispatch(tmp_path):
     _write_cifar(str(tmp_path))
     assert load_data(f"cifar100:{tmp_path}", img_size=8).num_classes == 100
     assert load_data("digits", img_size=8).num_classes == 10
+
+
+def test_dataset_constructor_errors(tmp_path):
+    from softtf.data import ArrayImageDataset, ImageFileDataset, TensorDataset
+
+    with pytest.raises(ValueError, match="every input must be a tensor with 3 rows"):
+        TensorDataset(torch.zeros(2, 4), [0, 1, 2])
+    with pytest.raises(ValueError, match="every input must be a tensor with 2 rows"):
+        TensorDataset({"input_ids": torch.zeros(3, 4)}, [0, 1])
+    with pytest.raises(ValueError, match=r"images must be uint8 \[N, H, W, 3\], got float64"):
+        ArrayImageDataset(np.zeros((2, 8, 8, 3)), [0, 1], 8)
+    with pytest.raises(ValueError, match="2 paths but 1 targets"):
+        ImageFileDataset(["a.png", "b.png"], [0], 8)
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    for split in ("train", "test"):
+        with open(base / split, "wb") as fh:
+            pickle.dump({"data": np.zeros((2, 10), dtype=np.uint8), "fine_labels": [0, 1]}, fh)
+    with pytest.raises(ValueError, match=r"train data must be \[N, 3072\] uint8, got \(2, 10\)"):
+        load_cifar100(str(tmp_path))
+    with open(base / "train", "wb") as fh:
+        pickle.dump({"labels": [0]}, fh)
+    with pytest.raises(ValueError, match="lacks 'data'/'fine_labels' entries"):
+        load_cifar100(str(tmp_path))

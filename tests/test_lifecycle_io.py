@@ -202,6 +202,16 @@ def test_load_rejects_missing_mask_and_bad_metadata(tmp_path):
         load_masks(wrap(tiny_vit()), tmp_path / "corrupt.safetensors")
     with pytest.raises(TypeError, match=r"extra\['k'\] must be a Tensor"):
         soft.save_masks(tmp_path / "x.safetensors", extra={"k": [1, 2]})
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        soft.save_masks(tmp_path / "x.safetensors", metadata={"k": 3})
+    bad = dict(meta, frozen='["zzz"]')
+    save_file(read_mask_file(path)[0], str(tmp_path / "frozen.safetensors"), metadata=bad)
+    with pytest.raises(ValueError, match=r"lists frozen tasks \['zzz'\] that are not among its tasks \['a'\]"):
+        load_masks(wrap(tiny_vit()), tmp_path / "frozen.safetensors")
+    stray = dict(read_mask_file(path)[0], junk=torch.zeros(1))
+    save_file(stray, str(tmp_path / "stray.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"tensors that are neither masks nor extras: \['junk'\]"):
+        load_masks(wrap(tiny_vit()), tmp_path / "stray.safetensors")
 
 
 def test_save_masks_from_bare_module_and_load_needs_config(tmp_path):

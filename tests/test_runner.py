@@ -178,6 +178,11 @@ def test_run_continual_input_errors(backbone, digits):
         run_continual(copy.deepcopy(backbone), digits, RunConfig(n_tasks=5), scenario=ClassIncrementalScenario(10, 2))
     with pytest.raises(TypeError, match="backbone must be a timm VisionTransformer or an HF BERT model"):
         ContinualClassifier(torch.nn.Linear(3, 3), 10)
+    clf = ContinualClassifier(copy.deepcopy(backbone), 10)
+    with pytest.raises(TypeError, match="a ViT backbone takes an image tensor, got a dict"):
+        clf({"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        ContinualClassifier(copy.deepcopy(backbone), 0)
 
 
 def test_bert_text_run_on_minilm(tmp_path):
