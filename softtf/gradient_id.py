@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .layer import SoftLinear
+from .model import soft_layers
 
-__all__ = ["GradientIDResult", "gradient_id", "predict_with_tasks", "soft_layers", "entropy"]
+__all__ = ["GradientIDResult", "gradient_id", "predict_with_tasks", "entropy"]
 
 RULES = ("sample", "batch", "binary", "binary-sample")
 
@@ -33,8 +34,8 @@ class GradientIDResult:
         return [self.tasks[i] for i in self.task_index.tolist()]
 
 
-def soft_layers(model: nn.Module) -> list[SoftLinear]:
-    layers = [m for m in model.modules() if isinstance(m, SoftLinear)]
+def _layers(model: nn.Module) -> list[SoftLinear]:
+    layers = list(soft_layers(model).values())
     if not layers:
         raise ValueError("model has no SoftLinear layers: wrap it first (softtf.wrap)")
     return layers
@@ -140,7 +141,7 @@ def gradient_id(
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not isinstance(k_shot, int) or k_shot < 1:
         raise ValueError(f"k_shot must be a positive int, got {k_shot!r}")
-    layers = soft_layers(model)
+    layers = _layers(model)
     tasks = _candidate_tasks(layers, tasks)
     forward_fn = model if forward_fn is None else forward_fn
     n, t = _batch_size(inputs), len(tasks)
@@ -214,7 +215,7 @@ def predict_with_tasks(
     forward_fn: Callable[[Any], Any] | None = None,
 ) -> Tensor:
     """Logits of ``inputs`` with sample b run under task ``tasks[task_index[b]]`` (mixed-task forward)."""
-    layers = soft_layers(model)
+    layers = _layers(model)
     tasks = list(tasks)
     n = _batch_size(inputs)
     if not isinstance(task_index, Tensor) or task_index.dim() != 1 or task_index.shape[0] != n:

@@ -271,10 +271,8 @@ class SoftTFLearner(Learner):
         if len(uniq) == 1:  # one task in the batch: the plain masked forward (bit-identical to training)
             self.soft.set_task(tasks[int(uniq)])
             return self.clf(inputs)
-        try:
-            from .gradient_id import predict_with_tasks
-        except ImportError:  # softtf.gradient_id not installed: run each task's samples as a group
-            return _grouped_forward(self.clf, inputs, task_index, lambda i: self.soft.set_task(tasks[i]))
+        from .gradient_id import predict_with_tasks
+
         return predict_with_tasks(self.clf, inputs, task_index, tasks, forward_fn=self.clf)
 
     def infer_gradient(self, inputs, tasks, forward_fn, rule):

@@ -5,6 +5,8 @@ Python dispatch, fake kernels and autograd. It knows nothing about tasks, models
 """
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (registers the op schemas and the C++ kernels)
 except ImportError as exc:  # pragma: no cover - only on a broken install
