@@ -110,7 +110,6 @@ def _pool(make, nbytes_one: int, l2_bytes: int) -> itertools.cycle:
 def measure() -> None:
     import torch
     import torch.nn.functional as F
-    import triton
     from triton.testing import do_bench
 
     import softtf_kernels
@@ -197,7 +196,6 @@ def measure() -> None:
                       f"{times[(pas, eager_name)] / us:.2f}x | {times[(pas, cublas_name)] / us:.2f}x |")
     print("\nTriton autotuned configs:", {k: str(getattr(getattr(TK._ops.K, k), "best_config", None))
                                          for k in ("masked_mm_kernel", "grad_mask_kernel")})
-    del triton
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,13 @@
 """Triton kernels against the float64 oracle on CPU, through the Triton interpreter.
 
-The interpreter is chosen when the kernels are decorated, so this module imports them with
-TRITON_INTERPRET=1 before anything else can. If another module of this pytest process already
-built them for a GPU, the module reruns itself in a subprocess instead (one test) so it never
-mixes modes. The variable is restored after the import and only set around each test, so other
-test modules do not see it.
+Whether triton interprets is fixed when a function is decorated: triton's own library functions
+(tl.cdiv, the tl.sum combiner, ...) at ``import triton``, ours at import of the kernel module. So
+this module imports the kernels with TRITON_INTERPRET=1 before anything else can, provided
+triton itself is not loaded yet (or was loaded under the interpreter). If another module of this
+pytest process already loaded triton for a GPU (timm/transformers do, through torch), every test
+here skips and one test reruns this file in a subprocess instead, so the modes never mix. The
+variable is restored after the import and only set around each test, so other test modules do
+not see it.
 
 Shapes stay small (the interpreter runs tiles in numpy); the interpreter has no bf16, which
 tests/test_triton_gpu.py covers on a GPU.
@@ -13,8 +16,15 @@ import os
 import subprocess
 import sys
 
+
+def _triton_lib_interpreted() -> bool:
+    import triton.language.standard as std
+
+    return type(std.cdiv).__name__ == "InterpretedFunction"
+
+
 _kmod = sys.modules.get("softtf_kernels.triton._kernels")
-if _kmod is None:
+if _kmod is None and ("triton" not in sys.modules or _triton_lib_interpreted()):
     _before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -24,7 +34,7 @@ if _kmod is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = _before
-RUN_HERE = bool(_kmod.INTERPRET)
+RUN_HERE = _kmod is not None and bool(_kmod.INTERPRET) and _triton_lib_interpreted()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -37,7 +47,7 @@ from softtf_kernels.triton import _ops  # noqa: E402
 from helpers import assert_close_rel, rand, rand_mask  # noqa: E402
 
 here = pytest.mark.skipif(
-    not RUN_HERE, reason="triton kernels were built for a GPU in this process; rerun in a subprocess (below)"
+    not RUN_HERE, reason="triton was loaded for a GPU in this process; test_rerun_in_subprocess runs these"
 )
 
 
@@ -334,7 +344,8 @@ def test_rerun_in_subprocess():
 @pytest.mark.parametrize("major,limit", [(9, 232448), (8, 166912)])
 def test_autotune_pruning_of_the_gpu_config_lists(monkeypatch, major, limit):
     """The GPU config lists (not used by the interpreter) pruned for an H100 / A100."""
-    K = _kmod
+    import softtf_kernels.triton._kernels as K  # the config lists and pruner need no interpreter
+
     monkeypatch.setattr(K, "_device_info", lambda t: (limit, major))
 
     def args(dt, mdt, rows, n, k):

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+import triton.language.standard as _std
 
 # Whether these kernels were built for the CPU interpreter (decided by triton at decoration,
 # from TRITON_INTERPRET): then every autotuned kernel gets exactly one small config.
 INTERPRET = bool(triton.knobs.runtime.interpret)
+# triton decorates its own library functions (tl.cdiv, reduction combiners) once, at
+# `import triton`. If TRITON_INTERPRET=1 was set only after that, interpreted kernels would fail
+# deep inside triton; the wrappers raise a clear error instead.
+INTERPRETER_MIXED = INTERPRET and type(_std.cdiv).__name__ != "InterpretedFunction"
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -355,8 +360,10 @@ def split_reduce_kernel(part_ptr, w_ptr, out_ptr, SPLIT, NK, K, w_sn, w_sk, BLOC
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NK
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLIT):
-        acc += tl.load(part_ptr + s * NK + offs, mask=ok, other=0.0)
+    p = part_ptr + offs
+    for _ in range(0, SPLIT):  # pointer steps, so SPLIT * NK may exceed 2^31
+        acc += tl.load(p, mask=ok, other=0.0)
+        p += NK
     w = tl.load(w_ptr + (offs // K) * w_sn + (offs % K) * w_sk, mask=ok, other=0.0)
     tl.store(out_ptr + offs, (acc * w.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
 

@@ -59,6 +59,12 @@ def _empty(shape, dtype, device) -> Tensor:
 
 
 def _check(op: str, **tensors: Tensor) -> None:
+    if K.INTERPRETER_MIXED:
+        raise RuntimeError(
+            f"softtf_kernels.triton.{op}: TRITON_INTERPRET=1 was set after triton had been imported, so "
+            "triton's own functions were built for a GPU; set TRITON_INTERPRET=1 before anything imports "
+            "triton (torch.compile, timm and transformers can import it)"
+        )
     for name, t in tensors.items():
         if t.dtype not in _SUPPORTED:
             raise TypeError(
