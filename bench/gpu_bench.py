@@ -107,25 +107,32 @@ def _pool(make, nbytes_one: int, l2_bytes: int) -> itertools.cycle:
     return itertools.cycle([make() for _ in range(n)])
 
 
-def measure() -> None:
+def measure(device: str = "cuda", dt=None, shapes=None, do_bench=None) -> None:
+    """Time every implementation on ``device`` (arguments other than the default exist only for
+    a CPU smoke run of this function under TRITON_INTERPRET=1)."""
     import torch
     import torch.nn.functional as F
-    from triton.testing import do_bench
 
     import softtf_kernels
     import softtf_kernels.triton as TK
 
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
-    dt = torch.bfloat16
-    cuda_cpp = softtf_kernels.cuda_available("masked_linear")
-    print(f"\n## Measured on {props.name} ({props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB), bf16, "
+    if do_bench is None:
+        from triton.testing import do_bench
+    dev = torch.device(device)
+    dt = dt or torch.bfloat16
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+        where = f"{props.name} ({props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB)"
+    else:
+        l2, where = 1 << 20, f"{dev} (smoke run, not a measurement)"
+    cuda_cpp = dev.type == "cuda" and softtf_kernels.cuda_available("masked_linear")
+    print(f"\n## Measured on {where}, {str(dt).replace('torch.', '')}, "
           f"median of triton.testing.do_bench; ratios are against the eager reference of the same pass\n")
     print("| shape | pass | impl | us | TB/s (min bytes) | TFLOP/s | vs eager | vs cuBLAS |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
 
-    for s in SHAPES:
+    for s in shapes or SHAPES:
         t, i, o = s.tokens, s.fin, s.fout
         tr = traffic(s)
 
