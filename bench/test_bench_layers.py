@@ -1,0 +1,28 @@
+"""pytest-benchmark suite, layer level: ViT qkv 768->2304, ViT proj 768->768, BERT query 768->768.
+
+    python -m pytest bench/test_bench_layers.py --benchmark-group-by=group
+    SOFTTF_BENCH_QUICK=1 python -m pytest bench/test_bench_layers.py      # tiny shapes (smoke)
+
+Same cases, modules and step functions as ``softtf bench`` (softtf/benchmark.py), one candidate x
+task per benchmark, grouped by case and task. torch.compile rows are left to ``softtf bench``.
+No asserts on time.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch  # noqa: F401  (loads libc10 before softtf_kernels._C)
+
+from softtf.benchmark import CANDIDATES, LAYER_CASES, TASKS, suite_run
+
+QUICK = os.environ.get("SOFTTF_BENCH_QUICK", "0") == "1"
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("key", [c for c in CANDIDATES if c != "compiled"])
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer(benchmark, case, key, task):
+    reason = suite_run(benchmark, case, key, task, rounds=3 if QUICK else 7, warmup=1, quick=QUICK)
+    if reason:
+        pytest.skip(reason)
