@@ -47,7 +47,8 @@ the CPU allocator, in time order); the peak of their running sum. Allocations th
 c10 allocator (e.g. oneDNN / OpenMP scratch) are not seen on CPU.
 
 Output: a table on stdout, JSON (``--json``, default ``DIR/bench.json``), a PNG bar chart
-(``DIR/bench.png``) and the table as text (``DIR/bench.txt``); progress on stderr (tqdm).
+(``DIR/bench.png``), the table as text (``DIR/bench.txt``) and as Markdown (``DIR/bench.md``);
+progress on stderr (tqdm).
 """
 from __future__ import annotations
 
@@ -844,6 +845,44 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result: dict) -> str:
+    """The table as Markdown (written to OUTPUT/bench.md; bench/README.md shows one)."""
+    global _STAT
+    meta = result["meta"]
+    _STAT = meta["args"].get("stat", "median")
+    out = [f"Device: {meta['device_name']}; torch {meta['versions']['torch']}, timm {meta['versions']['timm']}, "
+           f"transformers {meta['versions']['transformers']}, peft {meta['versions']['peft']}; "
+           f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}; {meta['date']}.", ""]
+    for case in result["cases"]:
+        out.append(f"**{case['case']}** ({case['level']}): {case['description']}; {case['tokens']} tokens per call; "
+                   f"Soft-TF on {case['targets_text']}")
+        out.append("")
+        out.append(f"| candidate | infer ms | ×floor | ×LoRA | train ms | ×floor | ×LoRA | train peak MiB | ×eager "
+                   f"| GID ms | ×floor fwd | trainable | MiB/task |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for row in case["rows"]:
+            t = row["tasks"]
+            if all(r.get("status") in ("skipped", "failed") for r in t.values()):
+                continue
+            i, tr, g = t.get("infer"), t.get("train"), t.get("gid")
+            p = row["params"]
+            peak = _mib(tr.get("peak_bytes")) if tr and tr.get("status") == "ok" else "-"
+            out.append(f"| {row['label']} | {_cell(i, 'ms')} | {_cell(i, 'ratio_floor')} | {_cell(i, 'ratio_lora')} | "
+                       f"{_cell(tr, 'ms')} | {_cell(tr, 'ratio_floor')} | {_cell(tr, 'ratio_lora')} | {peak} | "
+                       f"{_cell(tr, 'peak_ratio_eager')} | {_cell(g, 'ms')} | {_cell(g, 'ratio_floor')} | "
+                       f"{_params_text(p.get('trainable', 0))} | {p.get('bytes_per_task', 0) / 2**20:.2f} |")
+        skipped = sorted({f"{row['key']} ({r.get('reason')})" for row in case["rows"] for r in row["tasks"].values()
+                          if r.get("status") in ("skipped", "failed")})
+        if skipped:
+            out.append("")
+            out.append("Not run: " + "; ".join(skipped) + ".")
+        out.append("")
+    out.append(f"Targets (model level, softtf[{meta['default_backend']}], same run):")
+    out.append("")
+    out.extend(f"- {t}" for t in result.get("targets_text", []))
+    return "\n".join(out) + "\n"
+
+
 def targets(result: dict) -> tuple[list[dict], list[str]]:
     """The issue's CPU targets, reported (never asserted), for the default backend at model level.
     Time targets are given from the median (the table's statistic) and from the minimum of the
@@ -1132,6 +1171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(result, f, indent=1, default=str)
     with open(os.path.join(args.output, "bench.txt"), "w") as f:
         f.write(table + "\n")
+    with open(os.path.join(args.output, "bench.md"), "w") as f:
+        f.write(format_markdown(result))
     if not args.no_plot:
         try:
             plot(result, os.path.join(args.output, "bench.png"))

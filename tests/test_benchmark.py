@@ -38,6 +38,8 @@ def test_outputs_written(quick_run):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (out / "bench.txt").read_text().strip()
+    md = (out / "bench.md").read_text()
+    assert "| candidate |" in md and "Targets" in md
 
 
 def test_meta(quick_run):
