@@ -35,7 +35,10 @@ inline int64_t panel_size(int64_t other_dim, int64_t elem_size, int64_t total) {
   constexpr int64_t kPanelBytes = 2 * 1024 * 1024;
   int64_t p = kPanelBytes / std::max<int64_t>(1, other_dim * elem_size);
   p = std::max<int64_t>(128, (p / 16) * 16);
-  return std::min(p, total);
+  if (p >= total) return total;
+  // Balance the panels (e.g. 2304 rows as 4 x 576, not 3 x 672 + 288): no skinny remainder.
+  const int64_t n_panels = (total + p - 1) / p;
+  return ((total + n_panels - 1) / n_panels + 15) / 16 * 16;
 }
 
 // x viewed as [tokens, features] with unit stride on features, copying only when it must.

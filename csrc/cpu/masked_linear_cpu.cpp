@@ -136,10 +136,9 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
     return y;
   }
 
-  const int64_t p = panel_size(in_f, weight.element_size(), out_f);
-  auto panel = at::empty({p, in_f}, weight.options());
-  for (int64_t o0 = 0; o0 < out_f; o0 += p) {
-    const int64_t n = std::min(p, out_f - o0);
+  // Sequential panels, each GEMM using every thread: measured faster here than one panel per
+  // thread with single-threaded GEMMs (x is packed per panel either way).
+  auto one_panel = [&](at::Tensor& panel, int64_t o0, int64_t n) {
     auto wm = panel.narrow(0, 0, n);
     at::mul_out(wm, weight.narrow(0, o0, n), mask.narrow(0, o0, n));
     auto ys = y2.narrow(1, o0, n);
@@ -148,7 +147,10 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
     } else {
       at::mm_out(ys, x2, wm.t());
     }
-  }
+  };
+  const int64_t p = panel_size(in_f, weight.element_size(), out_f);
+  auto panel = at::empty({p, in_f}, weight.options());
+  for (int64_t o0 = 0; o0 < out_f; o0 += p) one_panel(panel, o0, std::min(p, out_f - o0));
   return y;
 }
 
@@ -165,7 +167,26 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   auto dx2 = dx.view({-1, in_f});
   if (dy2.size(0) == 0) return dx;
 
-  // Column panels: each dx column block is complete after one GEMM, no cross-panel accumulation.
+  const auto st = grad_out.scalar_type();
+  if (st == at::kFloat || st == at::kDouble) {
+    // Row panels of W ⊙ M (contiguous reads), accumulated into dx with full-width GEMMs: dy is
+    // packed once per panel along K only and dx stays in the output dtype's full precision.
+    const int64_t p = panel_size(in_f, weight.element_size(), out_f);
+    auto panel = at::empty({p, in_f}, weight.options());
+    for (int64_t o0 = 0; o0 < out_f; o0 += p) {
+      const int64_t n = std::min(p, out_f - o0);
+      auto wm = panel.narrow(0, 0, n);
+      at::mul_out(wm, weight.narrow(0, o0, n), mask.narrow(0, o0, n));
+      if (o0 == 0) {
+        at::mm_out(dx2, dy2.narrow(1, 0, n), wm);
+      } else {
+        dx2.addmm_(dy2.narrow(1, o0, n), wm);
+      }
+    }
+    return dx;
+  }
+  // 16-bit dx would lose precision if accumulated across panels: column panels instead, each dx
+  // column block complete after one GEMM (fp32 accumulation inside the BLAS call).
   const int64_t p = panel_size(out_f, weight.element_size(), in_f);
   auto panel = at::empty({out_f, p}, weight.options());
   for (int64_t i0 = 0; i0 < in_f; i0 += p) {
@@ -197,6 +218,12 @@ at::Tensor masked_linear_grad_mask(const at::Tensor& grad_out, const at::Tensor&
   auto dy2 = as_2d(grad_out).to(acc);
   auto x2 = as_2d(x).to(acc);
   if (x2.size(0) == 0) return dm.zero_();
+  if (mask_dtype == acc) {
+    // dM must exist in full anyway: one GEMM straight into it, then ⊙ W in place.
+    at::mm_out(dm, dy2.t(), x2);
+    dm.mul_(weight);
+    return dm;
+  }
 
   const int64_t p = panel_size(in_f, at::elementSize(acc), out_f);
   auto g = at::empty({p, in_f}, x2.options());
