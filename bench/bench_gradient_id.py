@@ -16,30 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import peak_extra_bytes  # noqa: E402
+from measure import peak_extra_bytes, timeit  # noqa: E402
 
 import softtf  # noqa: E402
 from softtf.layer import superposed_linear  # noqa: E402
 
 LAYERS = [(768, 2304), (768, 768)]  # ViT-B/16 attn.qkv, attn.proj
-
-
-def timeit(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def setup(batch, tokens, n_tasks, gen):

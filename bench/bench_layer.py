@@ -11,29 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 import sys
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import memory_profile  # noqa: E402
+from measure import memory_profile, timeit  # noqa: E402
 
 import softtf  # noqa: E402
-
-
-def timeit(fn, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of fn() in ms; interleaving of candidates happens in the caller."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def bench_shape(fin: int, fout: int, tokens: int, repeats: int, dtype=torch.float32) -> dict:
@@ -74,7 +60,7 @@ def bench_shape(fin: int, fout: int, tokens: int, repeats: int, dtype=torch.floa
     best = {k: float("inf") for k in cands}
     for _ in range(3):
         for k, fn in cands.items():
-            best[k] = min(best[k], timeit(fn, max(3, repeats // 3)))
+            best[k] = min(best[k], timeit(fn, max(3, repeats // 3), warmup=3))
     r.update({k + "_ms": v for k, v in best.items()})
     r["fwd_vs_plain"] = best["soft_fwd"] / best["plain_fwd"]
     r["fwd_vs_eager"] = best["soft_fwd"] / best["eager_fwd"]

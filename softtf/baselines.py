@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import SoftConfig, resolve_config
 from .io import load_tensors
-from .runner import Learner, _grouped_forward
+from .runner import Learner, _grouped_forward, _restore
 
 __all__ = ["FinetuneLearner", "LoRALearner"]
 
@@ -59,13 +59,7 @@ class FinetuneLearner(Learner):
     def load_state(self, path, tasks):
         tensors = load_tensors(path)
         for k, p in self._params.items():
-            key = f"finetune::{k}"
-            if key not in tensors:
-                raise ValueError(f"resume: checkpoint {path!r} has no tensor {key!r}")
-            if tensors[key].shape != p.shape:
-                raise ValueError(f"resume: checkpoint {path!r} {key}: expected shape {tuple(p.shape)}, got {tuple(tensors[key].shape)}")
-            with torch.no_grad():
-                p.copy_(tensors[key])
+            _restore(tensors, f"finetune::{k}", p, path)
         self.trained = list(tasks)
         return _check_extras(path, tensors)
 

@@ -590,14 +590,19 @@ def _predict(learner, clf, pid, scenario, cfg, x, j, tasks, seen) -> tuple[Tenso
     return pred, (None if mode == "oracle" else tidx)  # the oracle's task ids are given, not inferred
 
 
+def _restore(tensors: dict[str, Tensor], key: str, param: Tensor, path: str) -> None:
+    """Copy checkpoint tensor ``key`` into ``param``, refusing a missing key or another shape."""
+    if key not in tensors:
+        raise ValueError(f"resume: checkpoint {path!r} has no {key!r}")
+    if tensors[key].shape != param.shape:
+        raise ValueError(f"resume: checkpoint {path!r} {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensors[key])
+
+
 def _load_extras(clf, pid, extras, tasks, path, device) -> None:
     for key, p in (("head.weight", clf.head.weight), ("head.bias", clf.head.bias)):
-        if key not in extras:
-            raise ValueError(f"resume: checkpoint {path!r} has no {key!r}")
-        if extras[key].shape != p.shape:
-            raise ValueError(f"resume: checkpoint {path!r} {key} has shape {tuple(extras[key].shape)}, expected {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(extras[key])
+        _restore(extras, key, p, path)
     if pid is not None:
         for t in tasks:
             k = f"prompt_key.{t}"

@@ -1,4 +1,6 @@
-"""Memory of a callable on the current device, for the benchmarks.
+"""Time and memory of a callable on the current device, for the bench/ scripts.
+
+Time: the median wall time over repeats after a warm-up (callers interleave candidates).
 
 CUDA: torch.cuda.max_memory_allocated around the call. CPU: the profiler's raw allocator records
 ("[memory]", +bytes on allocation and -bytes on free, including allocations made inside C++
@@ -7,9 +9,23 @@ at once beyond what existed before it.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Callable
 
 import torch
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
 
 
 def memory_profile(fn: Callable[[], object], device: str | torch.device = "cpu") -> tuple[int, int]:
