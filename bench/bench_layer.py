@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import memory_profile, timeit  # noqa: E402
+from measure import largest_allocation_bytes, timeit  # noqa: E402
 
 import softtf  # noqa: E402
 
@@ -65,7 +65,7 @@ def bench_shape(fin: int, fout: int, tokens: int, repeats: int, dtype=torch.floa
     r["fwd_vs_plain"] = best["soft_fwd"] / best["plain_fwd"]
     r["fwd_vs_eager"] = best["soft_fwd"] / best["eager_fwd"]
     r["fb_vs_eager"] = best["soft_fb"] / best["eager_fb"]
-    r["fwd_largest_alloc_MiB"] = memory_profile(soft_fwd)[1] / 2**20
+    r["fwd_largest_alloc_MiB"] = largest_allocation_bytes(soft_fwd) / 2**20
     r["full_mask_MiB"] = fout * fin * torch.finfo(dtype).bits / 8 / 2**20
     return r
 

@@ -76,6 +76,7 @@ from softtf_kernels import BACKENDS, available_backends, use_backend
 from .adapters import AdapterLinear, adapter_param_count, matched_bottleneck
 from .gradient_id import entropy, gradient_id
 from .layer import SoftLinear
+from .model import _set_submodule
 
 __all__ = ["main", "build_parser", "run", "CASES", "CANDIDATES", "TASKS", "matched_lora_rank"]
 
@@ -155,10 +156,11 @@ class EagerMaskedLinear(nn.Module):
 
 
 # ====================================================================== memory
-def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of live CPU tensor bytes allocated by fn() and not yet freed (torch.profiler allocation
-    events, in time order). Frees of blocks allocated before the call are ignored, so the result is
-    the high-water mark of what the call itself allocated."""
+def cpu_allocation_profile(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(peak, largest single allocation) in bytes of CPU memory allocated by fn(): the peak of
+    live bytes the call allocated and has not yet freed (torch.profiler allocation events, in time
+    order, including allocations inside C++ kernels). Frees of blocks allocated before the call
+    are ignored, so the peak is the high-water mark of what the call itself allocated."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -179,15 +181,16 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
                   for i, e in enumerate(prof.events()) if e.self_cpu_memory_usage]
     events.sort(key=lambda e: e[0])
     live: dict[int, int] = {}
-    cur = peak = 0
+    cur = peak = largest = 0
     for _, b, ptr in events:
         if b > 0:
             live[ptr] = live.get(ptr, 0) + b
             cur += b
+            largest = max(largest, b)
         elif ptr in live:  # a free of something this call allocated
             cur -= live.pop(ptr)
         peak = max(peak, cur)
-    return peak
+    return peak, largest
 
 
 def measure_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
@@ -198,7 +201,7 @@ def measure_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
-    return _cpu_peak_bytes(fn)
+    return cpu_allocation_profile(fn)[0]
 
 
 def _tensor_bytes(ts: Sequence[Tensor], exclude: set[int] = frozenset()) -> int:
@@ -248,11 +251,6 @@ class Cand:
     results: dict[str, dict] = field(default_factory=dict)
     static_bytes: int = 0
     opt: torch.optim.Optimizer | None = None
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def install(case: Case, cand: Cand) -> None:
