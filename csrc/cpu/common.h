@@ -28,6 +28,25 @@ inline void check_weight_mask(const char* op, const at::Tensor& weight, const at
               " but weight is on ", weight.device());
 }
 
+// An activation (x or grad_out) whose last dim must be `feat`, in weight's dtype and device.
+inline void check_activation(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& weight, int64_t feat) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == feat, op, ": ", name, " must have last dim ", feat,
+              ", got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == weight.scalar_type(), op, ": ", name, " dtype ",
+              t.scalar_type(), " must equal weight dtype ", weight.scalar_type());
+  TORCH_CHECK(t.device() == weight.device(), op, ": ", name, " is on ", t.device(),
+              " but weight is on ", weight.device());
+  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name,
+              " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
+}
+
+inline void check_same_leading(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1), op,
+              ": grad_out and x must have the same leading dims, got ", grad_out.sizes(), " and ",
+              x.sizes());
+}
+
 // Rows (or columns) per panel. Each panel feeds one BLAS call whose other operand (x or dy) is
 // re-read once per panel, so panels must be wide enough for an efficient GEMM (>= 128 wide) yet
 // small enough to stay in cache (~2 MiB: L2 here, a slice of L3 elsewhere).

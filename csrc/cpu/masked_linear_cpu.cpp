@@ -82,18 +82,6 @@ void masked_linear_few_tokens(const at::Tensor& xf, const at::Tensor& weight,
   });
 }
 
-void check_x(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight,
-             int64_t feat) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == feat, op, ": ", name, " must have last dim ", feat,
-              ", got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": ", name, " dtype ",
-              x.scalar_type(), " must equal weight dtype ", weight.scalar_type());
-  TORCH_CHECK(x.device() == weight.device(), op, ": ", name, " is on ", x.device(),
-              " but weight is on ", weight.device());
-  TORCH_CHECK(is_float_type(x.scalar_type()), op, ": ", name,
-              " must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
-}
-
 }  // namespace
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
@@ -101,7 +89,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const char* op = "softtf::masked_linear";
   check_weight_mask(op, weight, mask);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  check_x(op, "x", x, weight, in_f);
+  check_activation(op, "x", x, weight, in_f);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, op, ": bias must have shape [",
                 out_f, "], got ", bias->sizes());
@@ -159,7 +147,7 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   const char* op = "softtf::masked_linear_grad_input";
   check_weight_mask(op, weight, mask);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  check_x(op, "grad_out", grad_out, weight, out_f);
+  check_activation(op, "grad_out", grad_out, weight, out_f);
   auto dx_shape = grad_out.sizes().vec();
   dx_shape.back() = in_f;
   auto dx = new_output(dx_shape, grad_out.options());
@@ -207,11 +195,9 @@ at::Tensor masked_linear_grad_mask(const at::Tensor& grad_out, const at::Tensor&
   TORCH_CHECK(is_float_type(mask_dtype), op,
               ": mask_dtype must be float32, bfloat16, float16 or float64, got ", mask_dtype);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  check_x(op, "x", x, weight, in_f);
-  check_x(op, "grad_out", grad_out, weight, out_f);
-  TORCH_CHECK(grad_out.numel() / out_f == x.numel() / in_f, op,
-              ": grad_out and x must have the same leading dims, got ", grad_out.sizes(),
-              " and ", x.sizes());
+  check_activation(op, "x", x, weight, in_f);
+  check_activation(op, "grad_out", grad_out, weight, out_f);
+  check_same_leading(op, grad_out, x);
   auto dm = new_output({out_f, in_f}, weight.options().dtype(mask_dtype));
   const auto acc = acc_dtype(x.scalar_type());
   // dy^T x accumulates over every token: do it in the accumulation dtype, round once at the end.

@@ -23,14 +23,6 @@ void check_masks(const char* op, const at::Tensor& masks, const at::Tensor& weig
               ": masks must be float32, bfloat16, float16 or float64, got ", masks.scalar_type());
 }
 
-void check_act(const char* op, const char* name, const at::Tensor& t, int64_t feat,
-               const at::Tensor& weight) {
-  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == feat, op, ": ", name, " must have last dim ", feat,
-              ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == weight.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-              " must equal weight dtype ", weight.scalar_type());
-}
-
 // Groups of samples sharing a task: (task, sample indices) for every task present.
 std::vector<std::pair<int64_t, at::Tensor>> group_by_task(const at::Tensor& task_ids, int64_t n_tasks,
                                                           const char* op) {
@@ -61,11 +53,9 @@ at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
   const char* op = "softtf::mask_mixture_grad";
   check_masks(op, masks, weight);
   const int64_t out_f = weight.size(0), in_f = weight.size(1), n_tasks = masks.size(0);
-  check_act(op, "x", x, in_f, weight);
-  check_act(op, "grad_out", grad_out, out_f, weight);
-  TORCH_CHECK(grad_out.numel() / out_f == x.numel() / in_f, op,
-              ": grad_out and x must have the same leading dims, got ", grad_out.sizes(), " and ",
-              x.sizes());
+  check_activation(op, "x", x, weight, in_f);
+  check_activation(op, "grad_out", grad_out, weight, out_f);
+  check_same_leading(op, grad_out, x);
   TORCH_CHECK(!per_sample || x.dim() >= 2, op, ": per_sample=True needs x of shape [B, ..., in]");
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t batch = per_sample ? x.size(0) : 1;
@@ -93,7 +83,7 @@ at::Tensor mixed_task_linear(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& task_ids, const std::optional<at::Tensor>& bias) {
   const char* op = "softtf::mixed_task_linear";
   check_masks(op, masks, weight);
-  check_act(op, "x", x, weight.size(1), weight);
+  check_activation(op, "x", x, weight, weight.size(1));
   TORCH_CHECK(x.dim() >= 2, op, ": x must have shape [B, ..., in], got ", x.sizes());
   TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == x.size(0), op,
               ": task_ids must have shape [", x.size(0), "], got ", task_ids.sizes());
@@ -111,7 +101,7 @@ at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& masks, const at::Tensor& task_ids) {
   const char* op = "softtf::mixed_task_linear_grad_input";
   check_masks(op, masks, weight);
-  check_act(op, "grad_out", grad_out, weight.size(0), weight);
+  check_activation(op, "grad_out", grad_out, weight, weight.size(0));
   TORCH_CHECK(grad_out.dim() >= 2, op, ": grad_out must have shape [B, ..., out], got ", grad_out.sizes());
   TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == grad_out.size(0), op,
               ": task_ids must have shape [", grad_out.size(0), "], got ", task_ids.sizes());

@@ -82,6 +82,12 @@ void check_act(const char* op, const char* name, const at::Tensor& t, const at::
               " must equal weight dtype ", weight.scalar_type());
 }
 
+void check_same_leading(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+              op, ": grad_out and x must have the same leading dims, got ", grad_out.sizes(),
+              " and ", x.sizes());
+}
+
 void check_mask(const char* op, const char* name, const at::Tensor& m, const at::Tensor& weight,
                 bool stacked) {
   check_cuda(op, name, m, weight);
@@ -188,9 +194,7 @@ at::Tensor masked_linear_grad_mask(const at::Tensor& grad_out, const at::Tensor&
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   check_act(op, "x", x, weight, in_f, "weight.shape[1]");
   check_act(op, "grad_out", grad_out, weight, out_f, "weight.shape[0]");
-  TORCH_CHECK(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-              op, ": grad_out and x must have the same leading dims, got ", grad_out.sizes(),
-              " and ", x.sizes());
+  check_same_leading(op, grad_out, x);
   TORCH_CHECK(kernel_float(mask_dtype) || mask_dtype == at::kDouble, op,
               ": mask_dtype must be float32, bfloat16, float16 or float64, got ", mask_dtype);
   c10::cuda::CUDAGuard guard(x.device());
@@ -213,9 +217,7 @@ at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   check_act(op, "x", x, weight, in_f, "weight.shape[1]");
   check_act(op, "grad_out", grad_out, weight, out_f, "weight.shape[0]");
-  TORCH_CHECK(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-              op, ": grad_out and x must have the same leading dims, got ", grad_out.sizes(),
-              " and ", x.sizes());
+  check_same_leading(op, grad_out, x);
   check_mask(op, "masks", masks, weight, true);
   TORCH_CHECK(!per_sample || x.dim() >= 2, op, ": per_sample=True needs x of shape [B, ..., ",
               in_f, "], got ", x.sizes());
