@@ -10,7 +10,7 @@ import torch
 import softtf_kernels
 from softtf_kernels import reference as R
 
-from helpers import TOL, assert_close_rel, rand, rand_mask
+from helpers import KERNEL_DTYPE_PAIRS, TOL, assert_close_rel, rand, rand_mask
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,16 +21,7 @@ pytestmark = [
 
 SHAPES = [((1,), 67, 45), ((7,), 257, 129), ((197,), 67, 129), ((2, 5), 257, 45), ((3, 4), 64, 128),
           ((2, 197), 768, 768)]
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.bfloat16, torch.float16),
-]
+DTYPES = KERNEL_DTYPE_PAIRS
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ import torch
 
 from softtf_kernels import reference as R
 
-from helpers import TOL, assert_close_rel, rand, rand_mask
+from helpers import KERNEL_DTYPE_PAIRS, TOL, assert_close_rel, rand, rand_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "cuda_harness" / "harness.cpp"
@@ -198,16 +198,7 @@ def _d(t):
 # (leading dims, in, out): 1 / 7 / 197 tokens, K and N tails (67, 257, 45, 129), 3-D x, and one
 # aligned multiple-of-16 shape that takes the 16-byte vector path.
 SHAPES = [((1,), 67, 45), ((7,), 257, 129), ((197,), 67, 129), ((2, 5), 257, 45), ((3, 4), 64, 128)]
-DTYPES = [  # (x / weight dtype, mask dtype)
-    (torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.bfloat16, torch.float16),
-]
+DTYPES = KERNEL_DTYPE_PAIRS  # (x / weight dtype, mask dtype)
 
 
 @pytest.mark.parametrize("lead,fin,fout", SHAPES)
