@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import peak_extra_bytes, timeit  # noqa: E402
 
 import softtf  # noqa: E402
-from softtf.layer import superposed_linear  # noqa: E402
+from softtf.core.layer import superposed_linear  # noqa: E402
 
 LAYERS = [(768, 2304), (768, 768)]  # ViT-B/16 attn.qkv, attn.proj
 

@@ -115,6 +115,7 @@ def measure(device: str = "cuda", dt=None, shapes=None, do_bench=None) -> None:
 
     import softtf_kernels
     import softtf_kernels.triton as TK
+    import softtf_kernels.triton.kernels as TKK  # the jit kernels, for their autotuned configs
 
     if do_bench is None:
         from triton.testing import do_bench
@@ -201,7 +202,7 @@ def measure(device: str = "cuda", dt=None, shapes=None, do_bench=None) -> None:
                 f, nb = tr[key]
                 print(f"| {s.name} | {pas} | {name} | {us:.1f} | {nb / us / 1e6:.2f} | {f / us / 1e6:.0f} | "
                       f"{times[(pas, eager_name)] / us:.2f}x | {times[(pas, cublas_name)] / us:.2f}x |")
-    print("\nTriton autotuned configs:", {k: str(getattr(getattr(TK._ops.K, k), "best_config", None))
+    print("\nTriton autotuned configs:", {k: str(getattr(getattr(TKK, k), "best_config", None))
                                          for k in ("masked_mm_kernel", "grad_mask_kernel")})
 
 

@@ -1,7 +1,7 @@
 """Time and memory of a callable, for the bench/ scripts (the same accounting as `softtf bench`).
 
 Time: the median wall time over repeats after a warm-up (callers interleave candidates).
-Memory: softtf.benchmark's measurement: CUDA max_memory_allocated, or on the CPU the profiler's
+Memory: softtf.bench's measurement: CUDA max_memory_allocated, or on the CPU the profiler's
 allocation records replayed in time order (including allocations inside C++ kernels).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from softtf.benchmark import cpu_allocation_profile, measure_peak_bytes
+from softtf.bench import cpu_allocation_profile, measure_peak_bytes
 
 
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

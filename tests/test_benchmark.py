@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from softtf import benchmark  # noqa: E402
-from softtf.adapters import AdapterLinear, adapter_param_count, matched_bottleneck  # noqa: E402
+from softtf import bench  # noqa: E402
+from softtf.methods.adapter import AdapterLinear, adapter_param_count, matched_bottleneck  # noqa: E402
 
 STATUSES = {"ok", "failed", "skipped", "n/a"}
 
@@ -25,7 +25,7 @@ STATUSES = {"ok", "failed", "skipped", "n/a"}
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = benchmark.main(["--quick", "--output", str(out), "--no-progress"])
+    rc = bench.main(["--quick", "--output", str(out), "--no-progress"])
     assert rc == 0
     with open(out / "bench.json") as f:
         return out, json.load(f)
@@ -54,12 +54,12 @@ def test_meta(quick_run):
 
 def test_every_row_present(quick_run):
     _, res = quick_run
-    assert [c["case"] for c in res["cases"]] == list(benchmark.CASES)
+    assert [c["case"] for c in res["cases"]] == list(bench.CASES)
     for case in res["cases"]:
         keys = [r["key"] for r in case["rows"]]
-        assert keys == list(benchmark.CANDIDATES), case["case"]
+        assert keys == list(bench.CANDIDATES), case["case"]
         for row in case["rows"]:
-            assert set(row["tasks"]) == set(benchmark.TASKS)
+            assert set(row["tasks"]) == set(bench.TASKS)
             for task, r in row["tasks"].items():
                 where = f"{case['case']}/{row['key']}/{task}"
                 assert r["status"] in STATUSES, where
@@ -135,12 +135,12 @@ def test_model_targets(quick_run):
 def test_matched_sizes_at_paper_shapes():
     # ViT-B qkv 768->2304, proj 768->768 (BERT q/k/v the same as proj)
     for fin, fout in ((768, 2304), (768, 768)):
-        r = benchmark.matched_lora_rank(fin, fout)
+        r = bench.matched_lora_rank(fin, fout)
         assert abs(r * (fin + fout) - fin * fout) <= 0.01 * fin * fout
         m = matched_bottleneck(fin, fout)
         assert abs(adapter_param_count(fout, m) - fin * fout) <= 0.01 * fin * fout
-    assert benchmark.matched_lora_rank(768, 2304) == 576
-    assert benchmark.matched_lora_rank(768, 768) == 384
+    assert bench.matched_lora_rank(768, 2304) == 576
+    assert bench.matched_lora_rank(768, 768) == 384
 
 
 def test_adapter_starts_as_identity():
@@ -154,14 +154,14 @@ def test_adapter_starts_as_identity():
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
-        benchmark.main(["--quick", "--output", str(tmp_path), "--cases", "nope"])
+        bench.main(["--quick", "--output", str(tmp_path), "--cases", "nope"])
     with pytest.raises(SystemExit):
-        benchmark.main(["--quick", "--output", str(tmp_path), "--repeats", "0"])
+        bench.main(["--quick", "--output", str(tmp_path), "--repeats", "0"])
 
 
 def test_threads_restored(tmp_path):
     before = torch.get_num_threads()
-    benchmark.main(["--quick", "--output", str(tmp_path), "--cases", "vit_proj", "--no-progress", "--no-plot",
+    bench.main(["--quick", "--output", str(tmp_path), "--cases", "vit_proj", "--no-progress", "--no-plot",
                     "--threads", "1"])
     assert torch.get_num_threads() == before
     assert not math.isnan(before)

@@ -1,7 +1,5 @@
-"""The softtf command line: argument errors, a tiny train run on digits, bench forwarding."""
+"""The softtf command line: argument errors, a tiny train run on digits, the bench subcommand."""
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -92,21 +90,27 @@ def test_train_digits_writes_results_and_plots(tmp_path, capsys):
     assert "belongs to a different run" in capsys.readouterr().err
 
 
-def test_bench_forwards_remaining_arguments(monkeypatch):
-    seen = {}
-    fake = types.ModuleType("softtf.benchmark")
+def test_bench_is_a_subcommand(monkeypatch, capsys):
+    """`softtf bench` flags are parsed by the softtf parser and reach softtf.bench as a BenchConfig."""
+    import softtf.bench
 
-    def fake_main(argv):
-        seen["argv"] = argv
+    seen = {}
+
+    def fake_run(config):
+        seen["config"] = config
         return 0
 
-    fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "softtf.benchmark", fake)
-    import softtf
-
-    monkeypatch.setattr(softtf, "benchmark", fake, raising=False)
-    assert main(["bench", "--op", "masked_linear", "--sizes", "64"]) == 0
-    assert seen["argv"] == ["--op", "masked_linear", "--sizes", "64"]
+    monkeypatch.setattr(softtf.bench, "run", fake_run)
+    assert main(["bench", "--quick", "--cases", "vit_proj", "--repeats", "5", "--no-plot"]) == 0
+    cfg = seen["config"]
+    assert isinstance(cfg, softtf.bench.BenchConfig)
+    assert (cfg.quick, cfg.cases, cfg.repeats, cfg.no_plot, cfg.layer_batch) == (True, ["vit_proj"], 5, True, 2)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--no-such-flag"])
+    assert exc.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0 and "--mask-dtype" in capsys.readouterr().out
 
 
 def test_no_command_is_an_error(capsys):

@@ -1,0 +1,228 @@
+"""The candidates of one case: every row of CANDIDATES with its modules, trainable parameters,
+parameter accounting and step functions (or the reason it cannot run here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from softtf_kernels import available_backends
+
+from ..core.model import set_submodule
+from ..methods.adapter import AdapterLinear, adapter_param_count, matched_bottleneck
+from .cases import Case
+from .config import COMPILED, EAGER, FLOOR, LORA_REF, SOFT_BACKENDS, TASKS, BenchConfig
+from .memory import tensor_bytes
+from .meta import package_version
+from .modules import CompiledMaskedLinear, EagerMaskedLinear, eager_masked_linear, lora_modules, soft_modules
+from .steps import TrainStep, eager_gid_step, infer_step, soft_gid_step, with_backend
+
+__all__ = ["Candidate", "build_candidates", "failure", "install", "matched_lora_rank"]
+
+
+@dataclass
+class Candidate:
+    key: str
+    label: str
+    kind: str
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    trainable: list[nn.Parameter] = field(default_factory=list)
+    backend: str | None = None
+    config: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    fns: dict[str, Callable[[], Any]] = field(default_factory=dict)  # task -> timed call
+    results: dict[str, dict] = field(default_factory=dict)  # task -> status row
+    static_bytes: int = 0
+    train_step: TrainStep | None = None
+
+    def mark(self, status: str, reason: str, tasks=TASKS) -> None:
+        for t in tasks:
+            self.results[t] = {"status": status, "reason": reason}
+
+    def use_steps(self, case: Case, backend: str | None = None) -> None:
+        """The infer and train calls on this candidate's trainable parameters (under ``backend``)."""
+        self.train_step = TrainStep(case, self.trainable)
+        train = with_backend(self.train_step, backend) if backend else self.train_step
+        self.fns = {"infer": infer_step(case, backend), "train": train}
+
+
+def matched_lora_rank(in_features: int, out_features: int) -> int:
+    """LoRA rank with as many parameters (r * (in + out)) as a Soft-TF mask (out * in)."""
+    return max(1, round(in_features * out_features / (in_features + out_features)))
+
+
+def failure(exc: BaseException) -> dict:
+    """The status row of a call that raised."""
+    msg = str(exc).strip().splitlines()
+    return {"status": "failed", "reason": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300]}
+
+
+def install(case: Case, cand: Candidate) -> None:
+    """Put the candidate's modules on the case's targets; only its trainable parameters need grad."""
+    for name, mod in cand.modules.items():
+        set_submodule(case.model, name, mod)
+    for p in case.base_params:
+        p.requires_grad_(False)
+    for p in cand.trainable:
+        p.requires_grad_(True)
+
+
+def _params(case: Case, count: Callable[[str, nn.Linear], int], itemsize: int, store_dtype: str) -> dict:
+    """Parameter accounting: ``count(name, layer)`` trainable (= stored per task) values per target layer."""
+    per = []
+    for n in case.names:
+        lin = case.originals[n]
+        k = count(n, lin)
+        per.append({"name": n, "in": lin.in_features, "out": lin.out_features, "trainable": k,
+                    "stored_per_task": k, "bytes_per_task": itemsize * k})
+    return {
+        "trainable": sum(p["trainable"] for p in per),
+        "stored_per_task": sum(p["stored_per_task"] for p in per),
+        "bytes_per_task": sum(p["bytes_per_task"] for p in per),
+        "store_dtype": store_dtype,
+        "per_layer": per,
+    }
+
+
+def _sizes_text(sizes: dict[str, int]) -> str:
+    return "/".join(str(v) for v in dict.fromkeys(sizes.values()))
+
+
+def _unavailable(backend: str, device: torch.device, here: list[str]) -> str:
+    """Why a SoftLinear backend cannot run on ``device`` ("" if it can)."""
+    if backend in here:
+        return ""
+    if backend == "triton" and device.type == "cpu":
+        return "triton on CPU runs only under TRITON_INTERPRET=1 (interpreter, not a performance number)"
+    if backend == "cuda" and device.type != "cuda":
+        return "no CUDA device"
+    if backend == "cpp" and device.type != "cpu":
+        return "C++ CPU kernel runs CPU tensors only"
+    return f"backend {backend!r} unavailable on {device.type} (available: {here})"
+
+
+def build_candidates(case: Case, config: BenchConfig, device: torch.device) -> list[Candidate]:
+    """Every candidate of CANDIDATES for this case (those that cannot run carry a skipped/failed status)."""
+    floor = Candidate(FLOOR, "frozen (floor)", "floor", modules=dict(case.originals),
+                      trainable=[case.originals[n].bias for n in case.names if case.originals[n].bias is not None])
+    floor.params = _params(case, lambda n, lin: 0, 0, "-")
+    floor.config = {"note": "train step trains only the target layers' biases (backward to the same depth)"}
+    floor.use_steps(case)
+    floor.results["gid"] = {"status": "n/a", "reason": "floor of gid = floor infer (ratio_floor of gid uses it)"}
+    install(case, floor)
+    soft_p = _params(case, lambda n, lin: lin.out_features * lin.in_features,
+                     torch.finfo(config.mask_torch_dtype).bits // 8, config.mask_dtype)
+    try:
+        soft_mods, soft_reason = soft_modules(case, config), ""
+    except Exception as exc:  # pragma: no cover - reported, not raised
+        soft_mods, soft_reason = {}, "building SoftLinear failed: " + failure(exc)["reason"]
+    cands = [floor, *_soft_candidates(case, config, device, soft_mods, soft_reason, soft_p),
+             *_eager_candidates(case, config, soft_mods, soft_reason, soft_p),
+             *_lora_candidates(case, config, floor), *_adapter_candidates(case, config)]
+    install(case, floor)
+    if config.candidates:
+        keep = set(config.candidates) | {FLOOR, LORA_REF}
+        for c in cands:
+            if c.key not in keep:
+                c.fns = {}
+                for t in TASKS:
+                    c.results.setdefault(t, {"status": "skipped", "reason": "not selected (--candidates)"})
+    # static bytes owned by each candidate (not the shared base model); optimizer state added later
+    base_ptrs = {p.untyped_storage().data_ptr() for p in case.base_params}
+    for c in cands:
+        ts = [t for mod in c.modules.values() for t in list(mod.parameters()) + list(mod.buffers())]
+        ts += [mod.frozen_masks for mod in c.modules.values() if isinstance(getattr(mod, "frozen_masks", None), Tensor)]
+        c.static_bytes = tensor_bytes(ts, base_ptrs)
+    return cands
+
+
+def _soft_candidates(case: Case, config: BenchConfig, device: torch.device, soft_mods: dict, soft_reason: str,
+                     soft_p: dict) -> list[Candidate]:
+    """softtf[<backend>]: the one set of SoftLinear modules under every backend."""
+    cands = []
+    frozen_names = [f"t{k}" for k in range(config.gid_tasks)]
+    here = available_backends(device)
+    for b in SOFT_BACKENDS:
+        c = Candidate(f"softtf[{b}]", f"SoftLinear [{b}]", "softtf", backend=b, params=soft_p,
+                      config={"backend": b, "mask_dtype": config.mask_dtype, "gid_tasks": config.gid_tasks})
+        cands.append(c)
+        reason = soft_reason or _unavailable(b, device, here)
+        if reason:
+            c.mark("failed" if soft_reason else "skipped", reason)
+            continue
+        if b == "triton" and device.type == "cpu":
+            c.label += " (interpreter)"
+        c.modules = dict(soft_mods)
+        c.trainable = [m.masks["active"] for m in soft_mods.values()]
+        c.use_steps(case, b)
+        c.fns["gid"] = soft_gid_step(case, b, frozen_names)
+    return cands
+
+
+def _eager_candidates(case: Case, config: BenchConfig, soft_mods: dict, soft_reason: str,
+                      soft_p: dict) -> list[Candidate]:
+    """eager: F.linear(x, W * M, b) with autograd; compiled: torch.compile of it (Soft-TF's parameters)."""
+    cands = []
+    for key, compiled in ((EAGER, False), (COMPILED, True)):
+        label = "eager F.linear(x, W*M)" if not compiled else "torch.compile(eager)"
+        c = Candidate(key, label, key, params=soft_p, config={"compiled": compiled})
+        cands.append(c)
+        if compiled and not config.compile:
+            c.mark("skipped", "torch.compile rows off (--no-compile, or --quick without --compile)")
+            continue
+        linear_fn = CompiledMaskedLinear() if compiled else eager_masked_linear
+        mods = {n: EagerMaskedLinear(case.originals[n], soft_mods[n].frozen_masks if soft_mods else None, linear_fn)
+                for n in case.names}
+        c.modules = mods
+        c.trainable = [m.mask for m in mods.values()]
+        c.use_steps(case)
+        if compiled:
+            c.results["gid"] = {"status": "skipped",
+                                "reason": "compile of the per-sample superposed eager path not attempted (compile time)"}
+        elif soft_mods:
+            c.fns["gid"] = eager_gid_step(case, list(mods.values()), config.gid_tasks)
+        else:
+            c.results["gid"] = {"status": "failed", "reason": soft_reason}
+    return cands
+
+
+_NA_GID = {"status": "n/a", "reason": "Gradient ID needs per-task soft masks (Soft-TF only)"}
+
+
+def _lora_candidates(case: Case, config: BenchConfig, floor: Candidate) -> list[Candidate]:
+    """PEFT LoRA, rank matched to Soft-TF's trainable count per layer and ``config.lora_r``."""
+    cands = []
+    for key, rank in ((LORA_REF, None), ("lora[small]", config.lora_r)):
+        ranks = {n: (matched_lora_rank(case.originals[n].in_features, case.originals[n].out_features)
+                     if rank is None else rank) for n in case.names}
+        c = Candidate(key, f"LoRA (PEFT) r={_sizes_text(ranks)}", "lora", config={"ranks": ranks})
+        c.params = _params(case, lambda n, lin: ranks[n] * (lin.in_features + lin.out_features), 4, "float32")
+        cands.append(c)
+        try:
+            c.modules, c.trainable = lora_modules(case, ranks, adapter_name=key.split("[")[1].rstrip("]"))
+            c.config["peft"] = package_version("peft")
+        except Exception as exc:
+            c.mark("failed", "PEFT LoRA: " + failure(exc)["reason"], ("infer", "train"))
+        else:
+            c.use_steps(case)
+        c.results["gid"] = dict(_NA_GID)
+        install(case, floor)
+    return cands
+
+
+def _adapter_candidates(case: Case, config: BenchConfig) -> list[Candidate]:
+    """Bottleneck Adapters on the layer outputs, matched to out*in parameters and ``config.adapter_m``."""
+    cands = []
+    for key, m in (("adapter[matched]", None), ("adapter[small]", config.adapter_m)):
+        ms = {n: (matched_bottleneck(case.originals[n].in_features, case.originals[n].out_features) if m is None else m)
+              for n in case.names}
+        mods = {n: AdapterLinear(case.originals[n], ms[n]) for n in case.names}  # freezes the base layer
+        c = Candidate(key, f"Adapter m={_sizes_text(ms)}", "adapter", modules=mods,
+                      trainable=[p for mod in mods.values() for p in mod.adapter.parameters()], config={"bottleneck": ms})
+        c.params = _params(case, lambda n, lin: adapter_param_count(lin.out_features, ms[n]), 4, "float32")
+        c.use_steps(case)
+        c.results["gid"] = dict(_NA_GID)
+        cands.append(c)
+    return cands

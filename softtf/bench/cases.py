@@ -1,0 +1,126 @@
+"""The cases: one linear layer (ViT qkv/proj, BERT query) or a whole random-init model (ViT, BERT)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.config import SoftConfig, resolve_config
+from .config import CASES, LAYER_CASES, BenchConfig
+
+__all__ = ["Case", "LayerHolder", "build_case"]
+
+
+@dataclass
+class Case:
+    name: str
+    level: str  # "layer" or "model"
+    description: str
+    model: nn.Module
+    names: list[str]  # target linear modules
+    originals: dict[str, nn.Linear]
+    inputs: Any
+    train_inputs: Any
+    labels: Tensor | None
+    tokens: int  # tokens per call
+    batch: int
+    logits_fn: Callable[[nn.Module, Any], Tensor]
+    loss_fn: Callable[[nn.Module, Any, Any], Tensor]
+    base_params: list[nn.Parameter] = field(default_factory=list)
+    wrap_used: str = ""
+
+
+class LayerHolder(nn.Module):
+    """Layer-level case: a model made of one linear module ``lin``."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x)
+
+
+def _layer_shape(name: str, quick: bool) -> tuple[int, int]:
+    if quick:
+        return {"vit_qkv": (64, 192), "vit_proj": (64, 64), "bert_query": (64, 64)}[name]
+    return {"vit_qkv": (768, 2304), "vit_proj": (768, 768), "bert_query": (768, 768)}[name]
+
+
+def build_case(name: str, config: BenchConfig, device: torch.device) -> Case:
+    torch.manual_seed(config.seed)
+    if name in LAYER_CASES:
+        case = _layer_case(name, config, device)
+    elif name == "vit":
+        case = _vit_case(config, device)
+    elif name == "bert":
+        case = _bert_case(config, device)
+    else:
+        raise ValueError(f"unknown case {name!r}; choose from {CASES}")
+    if case.level == "model":
+        case.model.requires_grad_(False)
+        # the Soft-TF default targets (ViT: qkv+proj of the last 3 blocks; BERT: q/k/v of the last 3 layers)
+        _, names = resolve_config(case.model, SoftConfig(modules_to_save=[]))
+        case.names, case.wrap_used = list(names), "softtf.wrap"
+        case.originals = {n: case.model.get_submodule(n) for n in case.names}
+    case.base_params = list(case.model.parameters())
+    return case
+
+
+def _layer_case(name: str, config: BenchConfig, device: torch.device) -> Case:
+    fin, fout = _layer_shape(name, config.quick)
+    bert = name == "bert_query"
+    batch = config.bert_batch if bert else config.layer_batch
+    tokens = config.bert_tokens if bert else config.layer_tokens
+    lin = nn.Linear(fin, fout, device=device).requires_grad_(False)
+    x = torch.randn(batch, tokens, fin, device=device)
+    desc = f"{'BERT query' if bert else 'ViT ' + name.split('_')[1]} layer {fin}->{fout}, x [{batch}, {tokens}, {fin}]"
+    return Case(name, "layer", desc, LayerHolder(lin), ["lin"], {"lin": lin}, x, x.clone().requires_grad_(True), None,
+                batch * tokens, batch, logits_fn=lambda m, inp: m(inp).mean(1),
+                loss_fn=lambda m, inp, lab: m(inp).pow(2).mean(), wrap_used="SoftLinear")
+
+
+def _vit_case(config: BenchConfig, device: torch.device) -> Case:
+    import timm  # optional heavy dependency (softtf[models]): only the model cases need it
+
+    if config.quick:
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0,
+                                  num_classes=10)
+        desc = "tiny timm VisionTransformer (32px, patch 8, dim 64, depth 4), random init"
+    else:
+        model = timm.create_model("vit_base_patch16_224", pretrained=False)
+        desc = "timm vit_base_patch16_224, random init"
+    model = model.to(device)
+    b = config.vit_batch
+    img = model.patch_embed.img_size
+    x = torch.randn(b, 3, img[0], img[1], device=device)
+    labels = torch.randint(0, model.num_classes, (b,), device=device)
+    ntok = model.patch_embed.num_patches + model.num_prefix_tokens
+    return Case("vit", "model", f"{desc}, batch {b} x {ntok} tokens", model, [], {}, x, x, labels, b * ntok, b,
+                logits_fn=lambda m, inp: m(inp), loss_fn=lambda m, inp, lab: F.cross_entropy(m(inp), lab))
+
+
+def _bert_case(config: BenchConfig, device: torch.device) -> Case:
+    # optional heavy dependency (softtf[models]): only the BERT case needs it
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if config.quick:
+        cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=64, num_labels=10)
+        desc = "tiny BERT (dim 64, 4 layers), random init"
+    else:
+        cfg = BertConfig(num_labels=10)
+        desc = "BertForSequenceClassification(BertConfig()) (BERT-base), random init"
+    model = BertForSequenceClassification(cfg).to(device)
+    b, L = config.bert_batch, config.bert_tokens
+    ids = torch.randint(0, model.config.vocab_size, (b, L), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = torch.randint(0, model.config.num_labels, (b,), device=device)
+    return Case("bert", "model", f"{desc}, batch {b} x {L} tokens", model, [], {}, inputs, inputs, labels, b * L, b,
+                logits_fn=lambda m, inp: m(**inp).logits,
+                loss_fn=lambda m, inp, lab: F.cross_entropy(m(**inp).logits, lab))
