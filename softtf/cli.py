@@ -2,7 +2,7 @@
 
     softtf train --model vit --data digits --tasks 5 --method softtf --task-id prompt --output runs/d
     softtf train --model bert --pretrained /path/to/bert --data csv:/data/agnews --tasks 2 ...
-    softtf bench [arguments of softtf.benchmark]
+    softtf bench [--quick] [--output DIR] ...   (softtf bench --help)
 
 ``train`` writes ``results.json``, ``accuracy_matrix.png`` and ``accuracy_curve.png`` (plus
 checkpoints and progress) into ``--output``; re-running the same command resumes.
@@ -21,6 +21,13 @@ import json
 import os
 import sys
 from typing import Sequence
+
+import torch
+
+from . import bench
+from .cl import TASK_ID_MODES, RunConfig, load_data, pretrain, run_continual
+from .core import SoftConfig, load_tensors, save_tensors
+from .methods import method_names
 
 __all__ = ["main", "build_parser"]
 
@@ -46,8 +53,6 @@ _positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .runner import METHODS, TASK_ID_MODES
-
     p = argparse.ArgumentParser(prog="softtf", description="Soft-TransFormers continual learning")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=("vit", "bert"), required=True)
     t.add_argument("--data", required=True, help="digits | cifar100:PATH | folder:PATH | csv:PATH")
     t.add_argument("--tasks", type=_positive_int, default=5, help="number of tasks (default 5)")
-    t.add_argument("--method", choices=METHODS, default="softtf")
+    t.add_argument("--method", choices=method_names(), default="softtf")
     t.add_argument("--task-id", choices=TASK_ID_MODES, default=None, help="task inference at test time (default: prompt; finetune: none)")
     t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
     t.add_argument("--epochs", type=_nonneg_int, default=20)
@@ -76,22 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to mask")
     t.add_argument("--k-shot", type=_positive_int, default=7)
     t.add_argument("--lora-r", type=_positive_int, default=8)
+    t.add_argument("--adapter-bottleneck", type=_positive_int, default=16, help="bottleneck width of --method adapter")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
 
-    b = sub.add_parser("bench", help="kernel benchmarks (softtf.benchmark)", add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="throughput and peak memory of Soft-TF against LoRA, Adapters and eager (softtf.bench)")
+    bench.add_arguments(b)
     return p
 
 
 def _build_vit(args, out_dir: str, data):
-    import torch
-
-    from .io import load_tensors, save_tensors
-    from .runner import pretrain
-
     if args.pretrained:
-        import timm
+        import timm  # optional heavy dependency: only ViT runs need it
 
         if not args.vit_arch:
             raise SystemExit("softtf train: --pretrained with --model vit needs --vit-arch (the timm model name)")
@@ -107,7 +108,7 @@ def _build_vit(args, out_dir: str, data):
         if missing or unexpected:
             raise SystemExit(f"softtf train: --pretrained weights do not fit {args.vit_arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer  # optional, as above
 
     if args.img_size % args.patch_size:
         raise SystemExit(f"softtf train: --img-size {args.img_size} must be divisible by --patch-size {args.patch_size}")
@@ -131,11 +132,6 @@ def _build_vit(args, out_dir: str, data):
 
 
 def _train(args) -> int:
-    import torch
-
-    from .data import load_data
-    from .runner import RunConfig, run_continual
-
     if args.model == "bert" and not args.data.startswith("csv:"):
         raise SystemExit(f"softtf train: --model bert needs text data (--data csv:PATH), got {args.data!r}")
     if args.model == "vit" and args.data.startswith("csv:"):
@@ -148,7 +144,7 @@ def _train(args) -> int:
         if not args.pretrained:
             raise SystemExit("softtf train: --model bert needs --pretrained DIR (a local HF BERT directory)")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer, BertModel
+        from transformers import AutoTokenizer, BertModel  # optional heavy dependency: BERT runs only
 
         if not os.path.isdir(args.pretrained):
             raise SystemExit(f"softtf train: --pretrained {args.pretrained!r} is not a directory")
@@ -159,12 +155,11 @@ def _train(args) -> int:
         model = _build_vit(args, args.output, data)
     soft_config = None
     if args.layers is not None or args.target_modules is not None:
-        from .config import SoftConfig
-
         soft_config = SoftConfig(target_modules=args.target_modules, layers=args.layers).to_dict()
     cfg = RunConfig(
         method=args.method, n_tasks=args.tasks, task_id=args.task_id, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, k_shot=args.k_shot, lora_r=args.lora_r,
+        adapter_bottleneck=args.adapter_bottleneck,
         soft_config=soft_config, device=args.device, progress=not args.no_progress,
     )
     torch.manual_seed(args.seed)
@@ -178,17 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``softtf`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] == "bench":
-        from . import benchmark  # written separately; imported only when asked for
-
-        rc = benchmark.main(argv[1:])
-        return int(rc or 0)
     args = parser.parse_args(argv)
     if args.command == "train":
         try:
             return _train(args)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             parser.exit(2, f"softtf train: error: {exc}\n")
+    if args.command == "bench":
+        return bench.run(bench.config_from_args(args))
     parser.error(f"unknown command {args.command!r}")
     return 2
 

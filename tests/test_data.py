@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from softtf.data import (
-    ClassIncrementalScenario,
+from softtf.cl.scenario import ClassIncrementalScenario
+from softtf.cl.data import (
     load_cifar100,
     load_csv_text,
     load_data,
@@ -222,7 +222,7 @@ def test_load_data_dispatch(tmp_path):
 
 
 def test_dataset_constructor_errors(tmp_path):
-    from softtf.data import ArrayImageDataset, ImageFileDataset, TensorDataset
+    from softtf.cl.data import ArrayImageDataset, ImageFileDataset, TensorDataset
 
     with pytest.raises(ValueError, match="every input must be a tensor with 3 rows"):
         TensorDataset(torch.zeros(2, 4), [0, 1, 2])

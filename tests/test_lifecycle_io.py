@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from softtf.config import SoftConfig
-from softtf.io import load, load_masks, read_mask_file, save_masks
-from softtf.model import wrap
-from softtf.prompt_id import PromptID, cls_feature
+from softtf.core.config import SoftConfig
+from softtf.core.mask_file import read_mask_file
+from softtf.core.model import load_masks, save_masks, wrap
+from softtf.core.model import load_soft_model as load
+from softtf.inference.prompt_id import PromptID, cls_feature
 
 from timm.models.vision_transformer import VisionTransformer
 
@@ -122,7 +123,7 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
     before = path.read_bytes()
     soft.add_task("b")
 
-    import softtf.io as io
+    import softtf.core.mask_file as io
 
     def boom(tensors, filename, metadata=None):
         with open(filename, "wb") as fh:
@@ -215,7 +216,7 @@ def test_load_rejects_missing_mask_and_bad_metadata(tmp_path):
 
 
 def test_save_masks_from_bare_module_and_load_needs_config(tmp_path):
-    from softtf.layer import SoftLinear
+    from softtf.core.layer import SoftLinear
 
     net = nn.Sequential(SoftLinear(nn.Linear(4, 3)))
     net[0].add_task("a")

@@ -6,7 +6,7 @@ from torch import nn
 
 import softtf
 import softtf_kernels
-from softtf.gradient_id import entropy, gradient_id, predict_with_tasks
+from softtf.inference.gradient_id import entropy, gradient_id, predict_with_tasks
 from softtf_kernels import reference as R
 
 from helpers import assert_close_rel, rand, rand_mask
@@ -249,7 +249,7 @@ def test_gradient_id_errors(gen):
     with pytest.raises(ValueError, match=r"task_index must be a 1-D tensor with 3 entries"):
         predict_with_tasks(model, x, torch.tensor([0, 1]), model[0].tasks)
     with pytest.raises(ValueError, match=r"rows of a per-sample alpha \[B, T\] must be equal"):
-        softtf.layer.superposed_linear(x, model[0].weight, model[0].frozen_masks, torch.rand(3, 3), None)
+        softtf.superposed_linear(x, model[0].weight, model[0].frozen_masks, torch.rand(3, 3), None)
 
 
 @pytest.mark.parametrize("mdt", [torch.float32, torch.bfloat16])
@@ -259,7 +259,7 @@ def test_superposed_linear_grads_match_oracle(gen, mdt):
     w, b = rand((fout, fin), torch.float32, gen), rand((fout,), torch.float32, gen)
     masks = rand_mask((T, fout, fin), mdt, gen)
     alpha = torch.rand(T, generator=gen).expand(B, T).clone().requires_grad_()
-    y = softtf.layer.superposed_linear(x, w, masks, alpha, b)
+    y = softtf.superposed_linear(x, w, masks, alpha, b)
     dy = rand(y.shape, torch.float32, gen)
     dx, da = torch.autograd.grad(y, (x, alpha), dy)
     xr, ar = x.detach().double().requires_grad_(), alpha.detach().double().requires_grad_()

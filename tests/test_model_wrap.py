@@ -7,9 +7,9 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from softtf.config import SoftConfig, layer_index  # noqa: E402
-from softtf.layer import SoftLinear  # noqa: E402
-from softtf.model import SoftModel, wrap  # noqa: E402
+from softtf.core.config import SoftConfig, layer_index  # noqa: E402
+from softtf.core.layer import SoftLinear  # noqa: E402
+from softtf.core.model import SoftModel, wrap  # noqa: E402
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402

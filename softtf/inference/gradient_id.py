@@ -8,15 +8,14 @@ same batch, and ∂H_b/∂α_b only sees sample b because samples do not interac
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .layer import SoftLinear
-from .model import soft_layers
+from ..core.batch import batch_size, device_of, take_rows
+from ..core.layer import SoftLinear, preserve_modes, soft_layers
 
 __all__ = ["GradientIDResult", "gradient_id", "predict_with_tasks", "entropy"]
 
@@ -75,17 +74,6 @@ def entropy(logits: Tensor, topk: int | None = None) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-@contextlib.contextmanager
-def _modes(layers: list[SoftLinear]) -> Iterator[None]:
-    """Restore every layer's mode / active task after a superposed or per-sample pass."""
-    saved = [(l.mode, l.active_task, l._mix_names, l._alpha, l._task_ids) for l in layers]
-    try:
-        yield
-    finally:
-        for l, (mode, active, names, alpha, ids) in zip(layers, saved):
-            l.mode, l.active_task, l._mix_names, l._alpha, l._task_ids = mode, active, names, alpha, ids
-
-
 def _scores(model, layers, forward_fn, inputs, tasks, alpha, topk) -> Tensor:
     for layer in layers:
         layer.set_superposed(tasks, alpha)
@@ -93,27 +81,6 @@ def _scores(model, layers, forward_fn, inputs, tasks, alpha, topk) -> Tensor:
         h = entropy(_logits(forward_fn(inputs)), topk).sum()
         (g,) = torch.autograd.grad(h, alpha)
     return g.detach()
-
-
-def _take(inputs: Any, index: Tensor) -> Any:
-    """Rows ``index`` of a batch (a tensor, or a dict / tuple of tensors sharing dim 0)."""
-    if isinstance(inputs, Tensor):
-        return inputs[index]
-    if isinstance(inputs, dict):
-        return {k: _take(v, index) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_take(v, index) for v in inputs)
-    return inputs
-
-
-def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, Tensor):
-        return inputs.shape[0]
-    if isinstance(inputs, dict):
-        return _batch_size(next(iter(inputs.values())))
-    if isinstance(inputs, (tuple, list)):
-        return _batch_size(inputs[0])
-    raise TypeError(f"inputs must be a tensor, dict or tuple of tensors, got {type(inputs).__name__}")
 
 
 def gradient_id(
@@ -144,38 +111,30 @@ def gradient_id(
     layers = _layers(model)
     tasks = _candidate_tasks(layers, tasks)
     forward_fn = model if forward_fn is None else forward_fn
-    n, t = _batch_size(inputs), len(tasks)
+    n, t = batch_size(inputs), len(tasks)
     dev = layers[0].weight.device
-    with _modes(layers):
+    with preserve_modes(layers):
         if rule == "sample":
             alpha = torch.full((n, t), 1.0 / t, device=dev, requires_grad=True)
             scores = _scores(model, layers, forward_fn, inputs, tasks, alpha, topk)
             return GradientIDResult(scores, scores.argmin(1), tasks)
         if rule == "batch":
-            shot = _take(inputs, torch.arange(min(k_shot, n), device=_device_of(inputs)))
+            shot = take_rows(inputs, torch.arange(min(k_shot, n), device=device_of(inputs)))
             alpha = torch.full((t,), 1.0 / t, device=dev, requires_grad=True)
             g = _scores(model, layers, forward_fn, shot, tasks, alpha, topk)
             return GradientIDResult(g.expand(n, t).clone(), g.argmin().expand(n).clone(), tasks)
         if rule == "binary":
-            shot = _take(inputs, torch.arange(min(k_shot, n), device=_device_of(inputs)))
+            shot = take_rows(inputs, torch.arange(min(k_shot, n), device=device_of(inputs)))
             idx, g = _binary(model, layers, forward_fn, shot, tasks, topk, per_sample=False)
             return GradientIDResult(g[:1].expand(n, t).clone(), idx[:1].expand(n).clone(), tasks)
         idx, g = _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample=True)
         return GradientIDResult(g, idx, tasks)
 
 
-def _device_of(inputs: Any) -> torch.device:
-    if isinstance(inputs, Tensor):
-        return inputs.device
-    if isinstance(inputs, dict):
-        return _device_of(next(iter(inputs.values())))
-    return _device_of(inputs[0])
-
-
 def _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample: bool):
     """SupSup's binary variant. Returns (task index [B], last-round scores [B, T] with +inf for
     eliminated tasks). Samples that share a surviving set are scored together."""
-    n, t = _batch_size(inputs), len(tasks)
+    n, t = batch_size(inputs), len(tasks)
     dev = layers[0].weight.device
     alive = torch.ones(n, t, dtype=torch.bool)
     scores = torch.zeros(n, t)
@@ -190,7 +149,7 @@ def _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample: bool):
                 continue
             alpha_row = keep.float() / keep.sum()
             sel = torch.tensor(members) if per_sample else torch.arange(n)
-            sub = _take(inputs, sel.to(_device_of(inputs)))
+            sub = take_rows(inputs, sel.to(device_of(inputs)))
             alpha = alpha_row.to(dev).expand(len(sel), t).clone().requires_grad_(True)
             g = _scores(model, layers, forward_fn, sub, tasks, alpha, topk).cpu()
             g = g.masked_fill(~keep, float("inf"))
@@ -217,12 +176,12 @@ def predict_with_tasks(
     """Logits of ``inputs`` with sample b run under task ``tasks[task_index[b]]`` (mixed-task forward)."""
     layers = _layers(model)
     tasks = list(tasks)
-    n = _batch_size(inputs)
+    n = batch_size(inputs)
     if not isinstance(task_index, Tensor) or task_index.dim() != 1 or task_index.shape[0] != n:
         raise ValueError(f"task_index must be a 1-D tensor with {n} entries (one per sample)")
     forward_fn = model if forward_fn is None else forward_fn
     ids = task_index.to(device=layers[0].weight.device, dtype=torch.long)
-    with _modes(layers):
+    with preserve_modes(layers):
         for layer in layers:
             layer.set_per_sample(tasks, ids)
         return _logits(forward_fn(inputs))

@@ -16,54 +16,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from .config import SoftConfig
-from .layer import SoftLinear
+from .files import atomic_write
+from .layer import SoftLinear, train_dtype
 
-__all__ = ["save_masks", "load_masks", "read_mask_file", "load", "atomic_write", "save_tensors", "load_tensors", "FORMAT", "VERSION"]
+__all__ = ["write_mask_file", "read_mask_file", "add_tasks_from_file", "FORMAT", "VERSION"]
 
 FORMAT = "softtf.masks"
 VERSION = "1"
 _SEP = "::"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"save: directory {directory!r} of path {path!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _layers_of(model: nn.Module) -> tuple[dict[str, SoftLinear], SoftConfig | None]:
-    from .model import SoftModel, soft_layers
-
-    if isinstance(model, SoftModel):
-        return model.soft_layers, model.soft_config
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a SoftModel or an nn.Module with SoftLinear layers, got {type(model).__name__}")
-    layers = soft_layers(model)
-    if not layers:
-        raise ValueError(f"model ({type(model).__name__}) has no SoftLinear layers")
-    return layers, None
 
 
 def _task_state(layers: dict[str, SoftLinear]) -> tuple[list[str], list[str], str | None]:
@@ -77,21 +44,22 @@ def _task_state(layers: dict[str, SoftLinear]) -> tuple[list[str], list[str], st
     return first.tasks, first.frozen_tasks, first.active_task
 
 
-def save_masks(
-    model: nn.Module,
+def write_mask_file(
+    layers: dict[str, SoftLinear],
+    config: SoftConfig | None,
     path: str | os.PathLike,
     extra: dict[str, Tensor] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write every task's masks of ``model`` (+ config, task names, optional extras) to ``path``.
+    """Write every task's masks of ``layers`` (+ ``config``, task names, optional extras) to ``path``.
 
     Args:
-        model: a :class:`~softtf.SoftModel` or any module with ``SoftLinear`` layers.
+        layers: the masked layers by name (all holding the same tasks).
+        config: the :class:`SoftConfig` they were wrapped with (``None`` for a bare module).
         path: destination ``.safetensors`` file (its directory must exist); replaced atomically.
         extra: additional named tensors to store (e.g. ``{"head.weight": ...}``).
         metadata: additional string metadata (stored under ``"user."`` keys).
     """
-    layers, config = _layers_of(model)
     tasks, frozen, active = _task_state(layers)
     tensors: dict[str, Tensor] = {}
     for lname, layer in layers.items():
@@ -153,8 +121,8 @@ def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     return tensors, info
 
 
-def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
-    """Add the tasks stored in ``path`` to ``model`` (same layers, shapes and mask dtypes).
+def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None, path: str | os.PathLike) -> dict[str, Tensor]:
+    """Add the tasks stored in ``path`` to ``layers`` (same layers, shapes and mask dtypes).
 
     Every check runs before the model is touched: the file's layers must be exactly the model's
     masked layers, no stored task may already exist in the model, every mask must have its
@@ -162,7 +130,6 @@ def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
     trainable: the layer's training dtype). Frozen tasks are frozen again in the saved order;
     the saved active task is selected. Returns the extra tensors (keys without ``"extra::"``).
     """
-    layers, config = _layers_of(model)
     tensors, info = read_mask_file(path)
     path = os.fspath(path)
     file_layers, tasks, frozen = info["layers"], info["tasks"], info["frozen"]
@@ -182,7 +149,7 @@ def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
         raise ValueError(f"load_masks: {path!r} lists frozen tasks {frozen} that are not among its tasks {tasks}")
     for lname, layer in layers.items():
         w = layer.weight
-        train_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        trainable_dtype = train_dtype(w.dtype)
         for t in tasks:
             key = f"{lname}{_SEP}{t}"
             if key not in tensors:
@@ -192,7 +159,7 @@ def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
                 raise ValueError(
                     f"load_masks: layer {lname!r} task {t!r}: expected mask shape {tuple(w.shape)}, got {tuple(m.shape)}"
                 )
-            want = layer.mask_dtype if t in frozen else train_dtype
+            want = layer.mask_dtype if t in frozen else trainable_dtype
             if m.dtype != want:
                 raise ValueError(
                     f"load_masks: layer {lname!r} task {t!r}: expected mask dtype {want} "
@@ -216,33 +183,3 @@ def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
     return {k[len("extra" + _SEP):]: v for k, v in tensors.items() if k.startswith("extra" + _SEP)}
 
 
-def load(model: nn.Module, path: str | os.PathLike):
-    """Wrap a fresh base ``model`` with the config stored in ``path`` and load its masks.
-
-    Returns ``(soft_model, extras)``."""
-    from .model import wrap
-
-    _, info = read_mask_file(path)
-    if info["config"] is None:
-        raise ValueError(f"load: {os.fspath(path)!r} stores no SoftConfig (it was saved from a bare module); wrap the model yourself and call load_masks")
-    soft = wrap(model, info["config"])
-    try:
-        extras = load_masks(soft, path)
-    except Exception:
-        soft.unwrap()
-        raise
-    return soft, extras
-
-
-def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomically write plain named tensors (checkpoints of baselines) to a safetensors file."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_tensors: no file at {path!r}")
-    with safe_open(path, framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}

@@ -14,11 +14,14 @@ keys of finished tasks are frozen. At test time ``task = argmax_t cos(q(x), k_t)
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..core.layer import MaskSwitch, soft_layers
 
 __all__ = ["PromptID", "cls_feature"]
 
@@ -82,23 +85,24 @@ class PromptID(nn.Module):
             raise KeyError(f"PromptID.{where}: no key for task {task!r} (tasks: {self.tasks or 'none'})")
 
     @torch.no_grad()
-    def query(self, model: nn.Module, inputs, feature_fn: Callable[[nn.Module, object], Tensor] = cls_feature) -> Tensor:
-        """``feature_fn(model, inputs)`` with every mask of ``model`` disabled (no grad) -> [B, dim].
+    def query(
+        self,
+        model: nn.Module,
+        inputs,
+        feature_fn: Callable[[nn.Module, object], Tensor] = cls_feature,
+        pretrained: Callable[[], ContextManager] | None = None,
+    ) -> Tensor:
+        """``feature_fn(model, inputs)`` run as the pretrained network (no grad) -> [B, dim].
 
-        Masks are disabled for the call and their modes restored afterwards; a PEFT model inside
-        ``model`` runs with its adapters disabled."""
-        import contextlib
-
-        from .model import _MaskSwitch, soft_layers
-
-        layers = list(soft_layers(model).values())
-        with contextlib.ExitStack() as stack:
-            if layers:
-                stack.enter_context(_MaskSwitch(layers))
-            for m in model.modules():  # PEFT models (the LoRA baseline): run without adapters
-                if callable(getattr(m, "disable_adapter", None)) and type(m).__name__.startswith("Peft"):
-                    stack.enter_context(m.disable_adapter())
-                    break
+        ``pretrained()`` gives the context in which ``model`` is the pretrained network; by
+        default every SoftLinear mask of ``model`` is disabled for the call and its mode restored
+        afterwards. Methods that adapt the model otherwise (LoRA) pass their own."""
+        if pretrained is None:
+            layers = list(soft_layers(model).values())
+            context = MaskSwitch(layers) if layers else contextlib.nullcontext()
+        else:
+            context = pretrained()
+        with context:
             q = feature_fn(model, inputs)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"PromptID.query: feature_fn must return [B, {self.dim}], got {tuple(q.shape)}")

@@ -23,37 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from .config import SoftConfig, resolve_config
-from .layer import SoftLinear
+from .layer import MaskSwitch, SoftLinear, soft_layers
+from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
 
-__all__ = ["SoftModel", "wrap", "soft_layers"]
-
-
-def soft_layers(model: nn.Module) -> dict[str, SoftLinear]:
-    """Every ``SoftLinear`` in ``model``, by dotted name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SoftLinear)}
+__all__ = ["SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model", "layers_of"]
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` of ``root`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
-
-
-class _MaskSwitch:
-    """Disables every mask on creation; as a context manager, restores the previous modes on exit."""
-
-    def __init__(self, layers: Sequence[SoftLinear]):
-        self._layers = list(layers)
-        self._saved = [layer.mode for layer in self._layers]
-        for layer in self._layers:
-            layer.disable_masks()
-
-    def __enter__(self) -> "_MaskSwitch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for layer, mode in zip(self._layers, self._saved):
-            layer.mode = mode
 
 
 class SoftModel(nn.Module):
@@ -78,7 +58,7 @@ class SoftModel(nn.Module):
         model.requires_grad_(False)
         for n in names:
             base = model.get_submodule(n)
-            _set_submodule(model, n, SoftLinear(base, mask_dtype=resolved.mask_dtype))
+            set_submodule(model, n, SoftLinear(base, mask_dtype=resolved.mask_dtype))
         modules = dict(model.named_modules())
         self._saved_modules = sorted(
             n for n in modules if n and any(n == h or n.endswith("." + h) for h in resolved.modules_to_save)
@@ -184,11 +164,11 @@ class SoftModel(nn.Module):
         if name not in self.tasks:
             raise KeyError(f"SoftModel.{where}: unknown task {name!r} (tasks: {self.tasks or 'none'})")
 
-    def disable_masks(self) -> _MaskSwitch:
+    def disable_masks(self) -> MaskSwitch:
         """Run the pretrained model. Use as ``with model.disable_masks(): ...`` to restore the
         previous modes afterwards; called bare it stays disabled until :meth:`enable_masks`."""
         self._check_live()
-        return _MaskSwitch(self._layers())
+        return MaskSwitch(self._layers())
 
     def enable_masks(self) -> None:
         """Back to single-task mode on the active task."""
@@ -219,23 +199,21 @@ class SoftModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load / unwrap
     def save_masks(self, path: str | os.PathLike, extra: dict[str, Tensor] | None = None, metadata: dict | None = None) -> None:
-        """Write masks + config + task names to ``path`` (safetensors, atomic). See :mod:`softtf.io`."""
-        from .io import save_masks
-
-        save_masks(self, path, extra=extra, metadata=metadata)
+        """Write masks + config + task names to ``path`` (safetensors, atomic). See :mod:`softtf.core.mask_file`."""
+        self._check_live()
+        write_mask_file(self.soft_layers, self.soft_config, path, extra=extra, metadata=metadata)
 
     def load_masks(self, path: str | os.PathLike) -> dict[str, Tensor]:
         """Add the tasks stored at ``path`` to this model; returns the extra tensors stored with them."""
-        from .io import load_masks
-
-        return load_masks(self, path)
+        self._check_live()
+        return add_tasks_from_file(self.soft_layers, self.soft_config, path)
 
     def unwrap(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back, restore every parameter's original
         ``requires_grad`` and return the wrapped model. This SoftModel is unusable afterwards."""
         self._check_live()
         for n in self._layer_names:
-            _set_submodule(self.model, n, self.model.get_submodule(n).base_layer)
+            set_submodule(self.model, n, self.model.get_submodule(n).base_layer)
         for n, p in self.model.named_parameters():
             if n in self._orig_requires_grad:
                 p.requires_grad_(self._orig_requires_grad[n])
@@ -259,3 +237,49 @@ def wrap(model: nn.Module, config: SoftConfig | None = None) -> SoftModel:
     trainable when it has parameters. No task exists yet: call :meth:`SoftModel.add_task`.
     """
     return SoftModel(model, config)
+
+
+def layers_of(model: nn.Module) -> tuple[dict[str, SoftLinear], SoftConfig | None]:
+    """The masked layers of a :class:`SoftModel` (with its config) or of any module (config ``None``)."""
+    if isinstance(model, SoftModel):
+        return model.soft_layers, model.soft_config
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a SoftModel or an nn.Module with SoftLinear layers, got {type(model).__name__}")
+    layers = soft_layers(model)
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no SoftLinear layers")
+    return layers, None
+
+
+def save_masks(
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra: dict[str, Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write every task's masks of ``model`` (a SoftModel or any module with ``SoftLinear`` layers),
+    + config, task names and optional extras, to ``path`` (see :mod:`softtf.core.mask_file`)."""
+    layers, config = layers_of(model)
+    write_mask_file(layers, config, path, extra=extra, metadata=metadata)
+
+
+def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
+    """Add the tasks stored in ``path`` to ``model``; returns the extra tensors stored with them."""
+    layers, config = layers_of(model)
+    return add_tasks_from_file(layers, config, path)
+
+
+def load_soft_model(model: nn.Module, path: str | os.PathLike) -> tuple[SoftModel, dict[str, Tensor]]:
+    """Wrap a fresh base ``model`` with the config stored in ``path`` and load its masks.
+
+    Returns ``(soft_model, extras)``."""
+    _, info = read_mask_file(path)
+    if info["config"] is None:
+        raise ValueError(f"load: {os.fspath(path)!r} stores no SoftConfig (it was saved from a bare module); wrap the model yourself and call load_masks")
+    soft = wrap(model, info["config"])
+    try:
+        extras = load_masks(soft, path)
+    except Exception:
+        soft.unwrap()
+        raise
+    return soft, extras

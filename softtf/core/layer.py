@@ -8,15 +8,17 @@ buffer ``frozen_masks`` [T, out, in] stored in ``mask_dtype`` (bf16/fp16 halve t
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 import softtf_kernels  # noqa: F401  (registers torch.ops.softtf)
 
-__all__ = ["SoftLinear", "MaskInit", "superposed_linear"]
+__all__ = ["LinearWrapper", "SoftLinear", "MaskInit", "ModeState", "MaskSwitch", "init_mask", "preserve_modes", "soft_layers", "superposed_linear", "train_dtype"]
 
 MaskInit = Any  # "ones" | ("uniform", low, high)
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -24,7 +26,18 @@ _MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MODES = ("single", "disabled", "superposed", "per_sample")
 
 
-def _train_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+@dataclass(frozen=True)
+class ModeState:
+    """A snapshot of a layer's selection (mode, active task, mixture), for :meth:`SoftLinear.restore_mode`."""
+
+    mode: str
+    active_task: str | None
+    mix_names: tuple[str, ...] = ()
+    alpha: Tensor | None = None
+    task_ids: Tensor | None = None
+
+
+def train_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # Masks train in fp32 (fp64 for fp64 models): bf16 parameters would swallow small Adam steps.
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
@@ -88,36 +101,17 @@ def superposed_linear(x: Tensor, weight: Tensor, masks: Tensor, alpha: Tensor, b
     return _SuperposedLinear.apply(x, weight, masks, alpha, bias)
 
 
-class SoftLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear`` and applies the active task's soft mask to its weight.
+class LinearWrapper(nn.Module):
+    """A module built around a frozen ``nn.Linear`` (``base_layer``), PEFT-style: the shape and
+    parameters of the wrapped layer read through."""
 
-    Args:
-        base_layer: the pretrained ``nn.Linear``; its parameters are frozen in place.
-        mask_dtype: dtype of frozen masks (default: the weight's dtype). Trainable masks are fp32.
-    """
-
-    def __init__(self, base_layer: nn.Linear, mask_dtype: torch.dtype | None = None):
+    def __init__(self, base_layer: nn.Linear):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"SoftLinear: base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        mask_dtype = base_layer.weight.dtype if mask_dtype is None else mask_dtype
-        if mask_dtype not in _MASK_DTYPES:
-            raise TypeError(f"SoftLinear: mask_dtype must be one of {_MASK_DTYPES}, got {mask_dtype}")
+            raise TypeError(f"{type(self).__name__}: base_layer must be an nn.Linear, got {type(base_layer).__name__}")
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
-        self.mask_dtype = mask_dtype
-        self.masks = nn.ParameterDict()  # unfrozen tasks
-        w = base_layer.weight
-        self.register_buffer("frozen_masks", torch.empty(0, *w.shape, dtype=mask_dtype, device=w.device))
-        self._frozen: list[str] = []  # names of frozen_masks rows, in order
-        self._order: list[str] = []  # every task, in the order added
-        self.active_task: str | None = None
-        self.mode = "single"
-        self._alpha: Tensor | None = None  # superposed mode: one coefficient per task of self.tasks
-        self._task_ids: Tensor | None = None  # per-sample mode: one index into _mix_names per sample
-        self._mix_names: list[str] = []  # tasks combined in superposed / per-sample modes
 
-    # ------------------------------------------------------------------ properties
     @property
     def weight(self) -> Tensor:
         return self.base_layer.weight
@@ -133,6 +127,42 @@ class SoftLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features
+
+
+class SoftLinear(LinearWrapper):
+    """Wraps a frozen ``nn.Linear`` and applies the active task's soft mask to its weight.
+
+    Args:
+        base_layer: the pretrained ``nn.Linear``; its parameters are frozen in place.
+        mask_dtype: dtype of frozen masks (default: the weight's dtype). Trainable masks are fp32.
+    """
+
+    def __init__(self, base_layer: nn.Linear, mask_dtype: torch.dtype | None = None):
+        if mask_dtype is not None and mask_dtype not in _MASK_DTYPES:  # before base_layer is touched
+            raise TypeError(f"SoftLinear: mask_dtype must be one of {_MASK_DTYPES}, got {mask_dtype}")
+        super().__init__(base_layer)
+        mask_dtype = base_layer.weight.dtype if mask_dtype is None else mask_dtype
+        if mask_dtype not in _MASK_DTYPES:
+            raise TypeError(f"SoftLinear: mask_dtype must be one of {_MASK_DTYPES}, got {mask_dtype}")
+        self.mask_dtype = mask_dtype
+        self.masks = nn.ParameterDict()  # unfrozen tasks
+        w = base_layer.weight
+        self.register_buffer("frozen_masks", torch.empty(0, *w.shape, dtype=mask_dtype, device=w.device))
+        self._frozen: list[str] = []  # names of frozen_masks rows, in order
+        self._order: list[str] = []  # every task, in the order added
+        # What the next forward computes; replaced whole (never mutated) so a snapshot stays valid.
+        self._state = ModeState("single", None)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def mode(self) -> str:
+        """``"single"``, ``"disabled"``, ``"superposed"`` or ``"per_sample"``."""
+        return self._state.mode
+
+    @property
+    def active_task(self) -> str | None:
+        """The task of single-task mode (``None`` before any task is selected)."""
+        return self._state.active_task
 
     @property
     def tasks(self) -> list[str]:
@@ -160,7 +190,7 @@ class SoftLinear(nn.Module):
         if name in self._order:
             raise ValueError(f"SoftLinear: task {name!r} already exists")
         w = self.weight
-        mask = init_mask(w.shape, init, _train_dtype(w.dtype), w.device, generator)
+        mask = init_mask(w.shape, init, train_dtype(w.dtype), w.device, generator)
         self.masks[name] = nn.Parameter(mask)
         self._order.append(name)
         self.set_task(name)
@@ -174,9 +204,7 @@ class SoftLinear(nn.Module):
         train = (not frozen) if train is None else train
         for n, p in self.masks.items():
             p.requires_grad_(bool(train) and n == name)
-        self.active_task = name
-        self.mode = "single"
-        self._alpha = self._task_ids = None
+        self._state = ModeState("single", name)
 
     def freeze_task(self, name: str) -> None:
         """Move a trained mask into the frozen store (in ``mask_dtype``); it never trains again."""
@@ -196,11 +224,9 @@ class SoftLinear(nn.Module):
         else:
             del self.masks[name]
         self._order.remove(name)
-        if self.active_task == name:
-            self.active_task = None
-        self._alpha = self._task_ids = None
-        if self.mode in ("superposed", "per_sample"):
-            self.mode = "single"
+        active = None if self.active_task == name else self.active_task
+        mode = "single" if self.mode in ("superposed", "per_sample") else self.mode
+        self._state = ModeState(mode, active)
 
     def mask(self, name: str) -> Tensor:
         """The mask of task ``name`` (the trainable Parameter, or a row of the frozen store)."""
@@ -231,7 +257,7 @@ class SoftLinear(nn.Module):
         if not isinstance(alpha, Tensor) or alpha.dim() not in (1, 2) or alpha.shape[-1] != len(names):
             got = tuple(alpha.shape) if isinstance(alpha, Tensor) else type(alpha).__name__
             raise ValueError(f"SoftLinear: alpha must have shape [{len(names)}] or [B, {len(names)}], got {got}")
-        self.mode, self._mix_names, self._alpha, self._task_ids = "superposed", names, alpha, None
+        self._state = ModeState("superposed", self.active_task, tuple(names), alpha=alpha)
 
     def set_per_sample(self, names: Sequence[str], task_ids: Tensor) -> None:
         """Per-sample mode: sample b of the next batches uses the mask of ``names[task_ids[b]]``."""
@@ -240,14 +266,45 @@ class SoftLinear(nn.Module):
             self._check_known(n)
         if not isinstance(task_ids, Tensor) or task_ids.dim() != 1:
             raise ValueError("SoftLinear: task_ids must be a 1-D integer tensor (one task index per sample)")
-        self.mode, self._mix_names, self._task_ids, self._alpha = "per_sample", names, task_ids, None
+        self._state = ModeState("per_sample", self.active_task, tuple(names), task_ids=task_ids)
 
     def disable_masks(self) -> None:
         """Run exactly the base layer (the pretrained model) until a task is selected again."""
-        self.mode = "disabled"
+        self._state = ModeState("disabled", self.active_task)
 
     def enable_masks(self) -> None:
-        self.mode = "single"
+        """Back to single-task mode on the active task."""
+        self._state = ModeState("single", self.active_task)
+
+    def mode_state(self) -> ModeState:
+        """The current selection, to hand back to :meth:`restore_mode` later."""
+        return self._state
+
+    def restore_mode(self, state: ModeState) -> None:
+        """Return to a selection saved by :meth:`mode_state` (its tasks must still exist)."""
+        if not isinstance(state, ModeState):
+            raise TypeError(f"SoftLinear.restore_mode: expected a ModeState, got {type(state).__name__}")
+        for n in (*state.mix_names, *([state.active_task] if state.active_task else [])):
+            self._check_known(n)
+        self._state = state
+
+    @contextlib.contextmanager
+    def superposed(self, names: Sequence[str], alpha: Tensor) -> Iterator["SoftLinear"]:
+        """``with layer.superposed(names, alpha):`` superposed mode inside, the previous mode after."""
+        with preserve_modes([self]):
+            self.set_superposed(names, alpha)
+            yield self
+
+    @contextlib.contextmanager
+    def per_sample(self, names: Sequence[str], task_ids: Tensor) -> Iterator["SoftLinear"]:
+        """``with layer.per_sample(names, task_ids):`` per-sample tasks inside, the previous mode after."""
+        with preserve_modes([self]):
+            self.set_per_sample(names, task_ids)
+            yield self
+
+    def masks_disabled(self) -> "MaskSwitch":
+        """``with layer.masks_disabled():`` exactly the base layer inside, the previous mode after."""
+        return MaskSwitch([self])
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -255,15 +312,17 @@ class SoftLinear(nn.Module):
             return self.base_layer(x)
         if self.mode == "single":
             return torch.ops.softtf.masked_linear(x, self.weight, self.mask(self.active_task), self.bias)
-        masks = self.stacked_masks(self._mix_names)
-        if self.mode == "per_sample":
-            if x.dim() < 2 or x.shape[0] != self._task_ids.shape[0]:
+        state = self._state
+        masks = self.stacked_masks(state.mix_names)
+        if state.mode == "per_sample":
+            ids = state.task_ids
+            if x.dim() < 2 or x.shape[0] != ids.shape[0]:
                 raise ValueError(
-                    f"SoftLinear: per-sample mode holds {self._task_ids.shape[0]} task ids but x has "
-                    f"shape {tuple(x.shape)} (expected [B, ..., in] with B = {self._task_ids.shape[0]})"
+                    f"SoftLinear: per-sample mode holds {ids.shape[0]} task ids but x has "
+                    f"shape {tuple(x.shape)} (expected [B, ..., in] with B = {ids.shape[0]})"
                 )
-            return torch.ops.softtf.mixed_task_linear(x, self.weight, masks, self._task_ids, self.bias)
-        return superposed_linear(x, self.weight, masks, self._alpha, self.bias)
+            return torch.ops.softtf.mixed_task_linear(x, self.weight, masks, ids, self.bias)
+        return superposed_linear(x, self.weight, masks, state.alpha, self.bias)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:
@@ -278,8 +337,7 @@ class SoftLinear(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self._order = list(state["tasks"])
         self._frozen = list(state["frozen"])
-        self.active_task = state["active_task"]
-        self.mode = state["mode"]
+        self._state = ModeState(state["mode"], state["active_task"])
         self.mask_dtype = getattr(torch, state["mask_dtype"])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -291,7 +349,7 @@ class SoftLinear(nn.Module):
                 del self.masks[name]
             for name in extra["tasks"]:
                 if name not in extra["frozen"]:
-                    self.masks[name] = nn.Parameter(torch.empty(w.shape, dtype=_train_dtype(w.dtype), device=w.device))
+                    self.masks[name] = nn.Parameter(torch.empty(w.shape, dtype=train_dtype(w.dtype), device=w.device))
             frozen = state_dict.get(prefix + "frozen_masks")
             if frozen is not None:
                 self.frozen_masks = torch.empty_like(frozen, device=w.device)
@@ -309,3 +367,39 @@ class SoftLinear(nn.Module):
             f"weight_dtype={self.weight.dtype}, mask_dtype={self.mask_dtype}, tasks=[{tasks}], "
             f"active={self.active_task}, mode={self.mode}"
         )
+
+
+def soft_layers(model: nn.Module) -> dict[str, SoftLinear]:
+    """Every ``SoftLinear`` in ``model``, by dotted name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SoftLinear)}
+
+
+@contextlib.contextmanager
+def preserve_modes(layers: Sequence[SoftLinear]) -> Iterator[None]:
+    """Restore every layer's selection on exit, whatever the block set in between."""
+    layers = list(layers)
+    saved = [layer.mode_state() for layer in layers]
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, saved):
+            layer.restore_mode(state)
+
+
+class MaskSwitch:
+    """Disables the masks of ``layers`` on creation, like ``torch.set_grad_enabled``: called bare
+    it stays in force (until ``enable_masks``); used as a context manager it restores each layer's
+    previous selection on exit."""
+
+    def __init__(self, layers: Sequence[SoftLinear]):
+        self._layers = list(layers)
+        self._saved = [layer.mode_state() for layer in self._layers]
+        for layer in self._layers:
+            layer.disable_masks()
+
+    def __enter__(self) -> "MaskSwitch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, state in zip(self._layers, self._saved):
+            layer.restore_mode(state)

@@ -5,11 +5,14 @@ import os
 
 import numpy as np
 
+from ..core.files import atomic_write
+from .metrics import accuracy_matrix, average_accuracy
+
 __all__ = ["plot_accuracy_matrix", "plot_accuracy_curve"]
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional heavy dependency: loaded only when a plot is drawn
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -18,15 +21,11 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-    from .io import atomic_write
-
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_accuracy_matrix(A, path: str | os.PathLike, title: str = "") -> None:
     """Heat map of ``A[i, j]`` (accuracy on task j after training task i), values annotated."""
-    from .metrics import accuracy_matrix
-
     A = accuracy_matrix(A)
     plt = _pyplot()
     n = A.shape[0]
@@ -47,8 +46,6 @@ def plot_accuracy_matrix(A, path: str | os.PathLike, title: str = "") -> None:
 
 def plot_accuracy_curve(A, path: str | os.PathLike, title: str = "") -> None:
     """Average accuracy over seen tasks and accuracy on each task, as tasks are learned."""
-    from .metrics import accuracy_matrix, average_accuracy
-
     A = accuracy_matrix(A)
     plt = _pyplot()
     n = A.shape[0]

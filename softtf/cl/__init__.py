@@ -1,0 +1,26 @@
+"""Continual learning: data, class-incremental scenarios, the runner, metrics and plots."""
+from . import metrics
+from .classifier import ContinualClassifier, pretrain
+from .config import GRADIENT_RULES, TASK_ID_MODES, RunConfig
+from .data import (
+    ArrayImageDataset,
+    ImageFileDataset,
+    LabelledData,
+    TensorDataset,
+    load_cifar100,
+    load_csv_text,
+    load_data,
+    load_digits,
+    load_image_folder,
+)
+from .plots import plot_accuracy_curve, plot_accuracy_matrix
+from .results import RunResult
+from .runner import ContinualRun, run_continual
+from .scenario import ClassIncrementalScenario
+
+__all__ = [
+    "ArrayImageDataset", "ClassIncrementalScenario", "ContinualClassifier", "ContinualRun", "GRADIENT_RULES",
+    "ImageFileDataset", "LabelledData", "RunConfig", "RunResult", "TASK_ID_MODES", "TensorDataset", "load_cifar100",
+    "load_csv_text", "load_data", "load_digits", "load_image_folder", "metrics", "plot_accuracy_curve",
+    "plot_accuracy_matrix", "pretrain", "run_continual",
+]

@@ -1,0 +1,77 @@
+"""The run directory: configuration, progress, per-task checkpoints, results and plots.
+
+``run_config.json`` (what the run is), ``progress.json`` (rewritten atomically after every task),
+``checkpoints/task_XXX.safetensors`` (the method's state after task XXX), ``results.json``,
+``accuracy_matrix.png``, ``accuracy_curve.png``. A directory holding another run's configuration
+is refused, naming the differences.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..core.files import write_json
+from .plots import plot_accuracy_curve, plot_accuracy_matrix
+
+__all__ = ["RunDirectory"]
+
+
+class RunDirectory:
+    def __init__(self, path: str | os.PathLike, resume_free: tuple[str, ...] = ()):
+        self.path = os.fspath(path)
+        self.checkpoints = os.path.join(self.path, "checkpoints")
+        self.resume_free = set(resume_free)  # run_config fields that may change on resumption
+        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(self.checkpoints, exist_ok=True)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def checkpoint(self, t: int) -> str:
+        return os.path.join(self.checkpoints, f"task_{t:03d}.safetensors")
+
+    def claim(self, run_info: dict) -> None:
+        """Write ``run_config.json``, or check that the one there describes the same run."""
+        path = self.file("run_config.json")
+        if not os.path.isfile(path):
+            write_json(path, run_info)
+            return
+        with open(path) as fh:
+            old = json.load(fh)
+        self._check_same(old, json.loads(json.dumps(run_info)), path)
+
+    def _check_same(self, old: dict, new: dict, path: str) -> None:
+        diffs = []
+        for section in sorted(set(old) | set(new)):
+            a, b = old.get(section), new.get(section)
+            if section == "run_config" and isinstance(a, dict) and isinstance(b, dict):
+                for k in sorted(set(a) | set(b)):
+                    if k not in self.resume_free and a.get(k) != b.get(k):
+                        diffs.append(f"run_config.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+            elif a != b:
+                diffs.append(f"{section}: {json.dumps(a)[:120]} -> {json.dumps(b)[:120]}")
+        if diffs:
+            raise ValueError(f"resume: {path!r} belongs to a different run; differences: " + "; ".join(diffs[:6]) + " (use a new output directory)")
+
+    def progress(self) -> tuple[dict | None, str | None]:
+        """``(progress record, checkpoint of its last finished task)``, or ``(None, None)``."""
+        path = self.file("progress.json")
+        if not os.path.isfile(path):
+            return None, None
+        with open(path) as fh:
+            prog = json.load(fh)
+        done = int(prog["finished_tasks"])
+        if done <= 0:
+            return None, None
+        ck = self.checkpoint(done - 1)
+        if not os.path.isfile(ck):
+            raise FileNotFoundError(f"resume: {path!r} says {done} tasks finished but {ck!r} is missing")
+        return prog, ck
+
+    def write_progress(self, record: dict) -> None:
+        write_json(self.file("progress.json"), record)
+
+    def write_results(self, record: dict, A, title: str) -> None:
+        write_json(self.file("results.json"), record)
+        plot_accuracy_matrix(A, self.file("accuracy_matrix.png"), title=title)
+        plot_accuracy_curve(A, self.file("accuracy_curve.png"), title=title)

@@ -1,0 +1,198 @@
+"""Class-incremental continual learning: any registered method under one protocol.
+
+Protocol (METHOD.md): the classes of a labelled dataset are split into ``n_tasks`` disjoint tasks
+(seeded class order). One shared linear head covers every class. While training task ``t`` the
+logits of classes outside task ``t`` are set to ``-inf``. After each task, every seen task's test
+set is evaluated, giving the accuracy matrix ``A[i, j]``; ACC / Forgetting / BWT / task-id accuracy
+follow :mod:`softtf.cl.metrics`; task inference: :mod:`softtf.cl.evaluate`.
+
+A run is four named steps, each a method of :class:`ContinualRun`: ``resume`` (from the run
+directory), ``train_task``, ``evaluate`` and ``checkpoint``; :func:`run_continual` strings them
+together and returns a :class:`~softtf.cl.results.RunResult`. Running again on the same directory
+with the same configuration resumes after the last finished task (:mod:`softtf.cl.run_dir`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.batch import to_device
+from ..core.files import restore_tensor
+from ..core.model import SoftModel
+from ..inference.prompt_id import PromptID
+from ..methods import method_class
+from ..methods.base import ContinualMethod
+from .classifier import ContinualClassifier
+from .config import RunConfig
+from .data import LabelledData
+from .evaluate import classifier_features, evaluate_after_task
+from .loaders import make_loader, progress_bar
+from .results import RunResult, Tallies, json_safe
+from .run_dir import RunDirectory
+from .scenario import ClassIncrementalScenario
+
+__all__ = ["ContinualRun", "run_continual", "fingerprint"]
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A cheap hash of a module's floating-point state (to recognise the same backbone on resume)."""
+    h = hashlib.sha1()
+    for n, t in sorted(module.state_dict().items()):
+        if isinstance(t, Tensor) and t.is_floating_point():
+            h.update(n.encode())
+            h.update(np.float64(t.detach().double().sum().item()).tobytes())
+            h.update(np.float64(t.detach().double().abs().sum().item()).tobytes())
+    return h.hexdigest()
+
+
+class ContinualRun:
+    """One run: the classifier, the method, Prompt-ID keys (when used) and the tallies."""
+
+    def __init__(self, backbone: nn.Module, data: LabelledData, cfg: RunConfig,
+                 scenario: ClassIncrementalScenario, directory: RunDirectory | None, extra_info: dict | None):
+        self.data, self.cfg, self.scenario, self.directory = data, cfg, scenario, directory
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.clf = ContinualClassifier(backbone, data.num_classes)
+        backbone_print = fingerprint(self.clf.backbone)
+        self.method: ContinualMethod = method_class(cfg.method)(self.clf, cfg)
+        self.pid = PromptID(self.clf.feature_dim, lam=cfg.prompt_lambda) if cfg.task_id == "prompt" else None
+        self.clf.to(self.device)
+        if self.pid is not None:
+            self.pid.to(self.device)
+        self.tallies = Tallies(cfg.n_tasks)
+        base = self.clf.backbone.model if isinstance(self.clf.backbone, SoftModel) else self.clf.backbone
+        self.run_info = json_safe({
+            "run_config": cfg.to_dict(),
+            "scenario": scenario.to_dict(),
+            "data": {"num_classes": data.num_classes, "kind": data.kind, **dict(data.info)},
+            "backbone": {"class": type(base).__name__, "fingerprint": backbone_print},
+            **(extra_info or {}),
+        })
+
+    # ---------------------------------------------------------------- steps
+    def resume(self) -> int:
+        """Claim the run directory and restore the last finished task; returns the next task."""
+        if self.directory is None:
+            return 0
+        self.directory.claim(self.run_info)
+        prog, ck = self.directory.progress()
+        if prog is None:
+            return 0
+        done = int(prog["finished_tasks"])
+        tasks = [self.scenario.task_name(t) for t in range(done)]
+        extras = self.method.load(ck, tasks)
+        self._restore_extras(extras, tasks, ck)
+        self.tallies.restore(prog)
+        return done
+
+    def train_task(self, t: int) -> tuple[float, float | None]:
+        """Train task ``t``; returns its seconds and its final loss (mean of the last 10 steps)."""
+        cfg, clf, pid = self.cfg, self.clf, self.pid
+        t0 = time.perf_counter()
+        name = self.scenario.task_name(t)
+        torch.manual_seed(cfg.seed * 1000 + t)
+        params = list(self.method.begin_task(t, name)) + list(clf.head.parameters())
+        if pid is not None:
+            params.append(pid.add_key(name, device=self.device))
+        opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        outside = torch.ones(self.data.num_classes, dtype=torch.bool, device=self.device)
+        outside[torch.tensor(self.scenario.task_classes[t], device=self.device)] = False
+        train_set = self.scenario.subset(self.data.train, t)
+        clf.train()
+        losses = []
+        for ep in range(cfg.epochs):
+            loader = make_loader(train_set, cfg.batch_size, True, cfg.seed * 1000 + t * 100 + ep)
+            desc = f"{cfg.method} task {t + 1}/{cfg.n_tasks} epoch {ep + 1}/{cfg.epochs}"
+            for x, y in progress_bar(loader, cfg.progress, desc=desc):
+                x, y = to_device(x, self.device), y.to(self.device)
+                loss = self.method.loss(self.method.forward(x).masked_fill(outside, float("-inf")), y)
+                if pid is not None:
+                    loss = loss + pid.pull_loss(pid.query(clf, x, classifier_features, self.method.pretrained), name)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                losses.append(float(loss.detach()))
+        self.method.end_task(t, name)
+        if pid is not None:
+            pid.freeze_key(name)
+        return time.perf_counter() - t0, (float(np.mean(losses[-10:])) if losses else None)
+
+    def evaluate(self, t: int) -> float:
+        """Evaluate every seen task after task ``t``; returns the seconds it took."""
+        t1 = time.perf_counter()
+        evaluate_after_task(self.method, self.pid, self.scenario, self.data.test, self.cfg, t, self.tallies)
+        return time.perf_counter() - t1
+
+    def checkpoint(self, t: int) -> None:
+        """Save the state after task ``t`` and the progress so far (atomically)."""
+        if self.directory is None:
+            return
+        extra = {"head.weight": self.clf.head.weight, "head.bias": self.clf.head.bias}
+        if self.pid is not None:
+            extra.update({f"prompt_key.{k}": v for k, v in self.pid.keys.items()})
+        self.method.save(self.directory.checkpoint(t), extra)
+        self.directory.write_progress(self.tallies.progress(t + 1))
+
+    def result(self) -> RunResult:
+        cfg = self.cfg
+        head = {"method": cfg.method, "task_id_mode": cfg.task_id, "n_tasks": cfg.n_tasks}
+        record = self.tallies.record(head, self.run_info)
+        if self.directory is not None:
+            self.directory.write_results(record, self.tallies.A, title=f"{cfg.method} / task-id {cfg.task_id}")
+        return RunResult(record, self.method, self.clf)
+
+    def _restore_extras(self, extras: dict[str, Tensor], tasks: list[str], path: str) -> None:
+        for key, p in (("head.weight", self.clf.head.weight), ("head.bias", self.clf.head.bias)):
+            restore_tensor(extras, key, p, path)
+        if self.pid is not None:
+            for t in tasks:
+                k = f"prompt_key.{t}"
+                if k not in extras:
+                    raise ValueError(f"resume: checkpoint {path!r} has no Prompt-ID key for task {t!r}")
+                self.pid.add_key(t, device=self.device)
+                with torch.no_grad():
+                    self.pid.keys[t].copy_(extras[k])
+                self.pid.freeze_key(t)
+
+
+def run_continual(
+    backbone: nn.Module,
+    data: LabelledData,
+    cfg: RunConfig,
+    output_dir: str | os.PathLike | None = None,
+    scenario: ClassIncrementalScenario | None = None,
+    extra_info: dict | None = None,
+) -> RunResult:
+    """Train ``cfg.method`` over the tasks of ``data`` and evaluate after every task.
+
+    ``backbone`` is modified in place (wrapped / adapted). With ``output_dir``, results, plots and
+    per-task checkpoints go there, and an existing run with the same configuration resumes after
+    its last finished task. Returns a :class:`RunResult`: ``result.record`` (also written to
+    ``results.json``; ``result["acc"]`` reads it), ``result.method`` and ``result.classifier``.
+    """
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"run_continual: cfg must be a RunConfig, got {type(cfg).__name__}")
+    if not isinstance(data, LabelledData):
+        raise TypeError(f"run_continual: data must be a LabelledData, got {type(data).__name__}")
+    scenario = scenario or ClassIncrementalScenario(data.num_classes, cfg.n_tasks, seed=cfg.seed)
+    if scenario.n_tasks != cfg.n_tasks or scenario.num_classes != data.num_classes:
+        raise ValueError(
+            f"run_continual: scenario has {scenario.n_tasks} tasks over {scenario.num_classes} classes, "
+            f"config/data say {cfg.n_tasks} tasks over {data.num_classes} classes"
+        )
+    directory = None if output_dir is None else RunDirectory(output_dir, RunConfig.RESUME_FREE)
+    run = ContinualRun(backbone, data, cfg, scenario, directory, extra_info)
+    for t in range(run.resume(), cfg.n_tasks):
+        train_s, final_loss = run.train_task(t)
+        eval_s = run.evaluate(t)
+        run.tallies.timings.append({"task": t, "train_s": train_s, "eval_s": eval_s, "final_loss": final_loss})
+        run.checkpoint(t)
+    return run.result()

@@ -1,0 +1,48 @@
+"""A batch of model inputs: a tensor, or a dict / tuple / list of tensors sharing dim 0 (HF tokens)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_size", "take_rows", "device_of", "to_device"]
+
+
+def _first(inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return next(iter(inputs.values()))
+    if isinstance(inputs, (tuple, list)):
+        return inputs[0]
+    return inputs
+
+
+def batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, (dict, tuple, list)):
+        return batch_size(_first(inputs))
+    raise TypeError(f"inputs must be a tensor, dict or tuple of tensors, got {type(inputs).__name__}")
+
+
+def device_of(inputs: Any) -> torch.device:
+    if isinstance(inputs, Tensor):
+        return inputs.device
+    return device_of(_first(inputs))
+
+
+def take_rows(inputs: Any, index: Tensor) -> Any:
+    """Rows ``index`` of a batch (non-tensor leaves are passed through)."""
+    if isinstance(inputs, Tensor):
+        return inputs[index]
+    if isinstance(inputs, dict):
+        return {k: take_rows(v, index) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(take_rows(v, index) for v in inputs)
+    return inputs
+
+
+def to_device(inputs: Any, device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)

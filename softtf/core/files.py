@@ -1,0 +1,69 @@
+"""Atomic file writes and plain safetensors checkpoints (no knowledge of masks or models)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+__all__ = ["atomic_write", "write_json", "save_tensors", "load_tensors", "restore_tensor"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"save: directory {directory!r} of path {path!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write plain named tensors (checkpoints of baselines) to a safetensors file."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_tensors: no file at {path!r}")
+    with safe_open(path, framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (NaN refused: callers map it to null first)."""
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, allow_nan=False)
+
+    atomic_write(path, write)
+
+
+def restore_tensor(tensors: dict[str, Tensor], key: str, target: Tensor, path: str) -> None:
+    """Copy checkpoint tensor ``key`` into ``target`` in place, refusing a missing key or another shape."""
+    if key not in tensors:
+        raise ValueError(f"resume: checkpoint {path!r} has no {key!r}")
+    if tensors[key].shape != target.shape:
+        raise ValueError(f"resume: checkpoint {path!r} {key} has shape {tuple(tensors[key].shape)}, expected {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(tensors[key])

@@ -1,0 +1,134 @@
+"""The protocol every continual-learning method implements; the runner knows nothing more.
+
+A method adapts a :class:`~softtf.cl.classifier.ContinualClassifier`-like model (``backbone``,
+``head``, ``features``) task after task. The runner owns the data, the shared head, the optimizer,
+Prompt-ID keys and evaluation; it calls, per task::
+
+    params = method.begin_task(t, name)      # parameters to train besides the head and keys
+    loss = method.loss(method.forward(x) ⊙ class mask, y)
+    method.end_task(t, name)
+
+and at test time ``method.forward_tasks(x, task_index, tasks)`` (logits with sample b run as task
+``tasks[task_index[b]]``), ``method.infer_tasks(...)`` for Gradient ID and ``method.pretrained()``
+for the Prompt-ID query. ``save`` / ``load`` checkpoint the method's state after a task.
+
+Adding a method: one module in this package with a :func:`~softtf.methods.registry.register`-ed
+subclass, imported in ``softtf/methods/__init__.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ClassVar, ContextManager, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.batch import take_rows
+from ..core.config import SoftConfig, resolve_config
+from ..core.files import load_tensors, save_tensors
+
+__all__ = ["ContinualMethod", "MethodOptions", "grouped_forward", "checkpoint_extras", "target_layer_names", "EXTRA_PREFIX"]
+
+EXTRA_PREFIX = "extra::"  # checkpoint keys of tensors the runner owns (head, Prompt-ID keys)
+
+
+class MethodOptions(Protocol):
+    """The run options methods read (``softtf.cl.RunConfig`` provides them)."""
+
+    seed: int
+    soft_config: dict | None
+    k_shot: int
+    gradient_topk: int | None
+    lora_r: int
+    lora_alpha: float
+    adapter_bottleneck: int
+
+
+class ContinualMethod:
+    """Base class of the methods. Subclasses set ``name`` and ``task_id_modes`` and implement
+    :meth:`begin_task`, :meth:`forward_tasks`, :meth:`state` and :meth:`load`."""
+
+    name: ClassVar[str] = ""
+    task_id_modes: ClassVar[tuple[str, ...]] = ()  # task inference the method supports
+    default_task_id: ClassVar[str] = "prompt"
+
+    def __init__(self, classifier: nn.Module, options: MethodOptions):
+        self.clf, self.options = classifier, options
+        self.trained: list[str] = []
+
+    # ---------------------------------------------------------------- training
+    def begin_task(self, t: int, name: str) -> list[nn.Parameter]:
+        """Prepare task ``t`` (called ``name``); return the parameters to train besides the head."""
+        raise NotImplementedError
+
+    def forward(self, inputs) -> Tensor:
+        """Training-time logits [B, C] of the current task."""
+        return self.clf(inputs)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The training loss on logits already restricted to the task's classes."""
+        return F.cross_entropy(logits, targets)
+
+    def end_task(self, t: int, name: str) -> None:
+        """Task ``t`` is learned: freeze what must not change any more."""
+        self.trained.append(name)
+
+    # ---------------------------------------------------------------- evaluation
+    def forward_tasks(self, inputs, task_index: Tensor | None, tasks: list[str]) -> Tensor:
+        """Logits [B, C] with sample b run as task ``tasks[task_index[b]]`` (``None``: no task)."""
+        raise NotImplementedError
+
+    def infer_tasks(self, inputs, tasks: list[str], forward_fn: Callable, rule: str) -> Tensor:
+        """Gradient ID: indices into ``tasks`` [B]. Only methods with task masks support it."""
+        raise ValueError(f"method {self.name!r} does not support Gradient ID")
+
+    def pretrained(self) -> ContextManager:
+        """A context in which the classifier's backbone is the pretrained network (Prompt-ID
+        queries). Default: the backbone is never adapted in place."""
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The method's tensors and string metadata after the last finished task."""
+        raise NotImplementedError
+
+    def save(self, path: str, extra: dict[str, Tensor]) -> None:
+        """Checkpoint after a task: the method's tensors + ``extra`` (head, keys), atomically."""
+        tensors, meta = self.state()
+        save_tensors(path, {**tensors, **{EXTRA_PREFIX + k: v for k, v in extra.items()}}, meta)
+
+    def load(self, path: str, tasks: list[str]) -> dict[str, Tensor]:
+        """Restore the state saved after ``tasks``; return the runner's extras."""
+        tensors = load_tensors(path)
+        self.load_state(tensors, path, tasks)
+        self.trained = list(tasks)
+        return checkpoint_extras(tensors)
+
+    def load_state(self, tensors: dict[str, Tensor], path: str, tasks: list[str]) -> None:
+        raise NotImplementedError
+
+
+def checkpoint_extras(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The runner's tensors of a checkpoint, keys without the ``extra::`` prefix."""
+    return {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+
+
+def grouped_forward(clf: nn.Module, inputs, task_index: Tensor, select: Callable[[int], None]) -> Tensor:
+    """Logits [B, C] computed task by task: ``select(t)`` then ``clf`` on the samples of task t."""
+    out = None
+    for t in torch.unique(task_index).tolist():
+        rows = (task_index == t).nonzero().squeeze(1)
+        select(int(t))
+        logits = clf(take_rows(inputs, rows))
+        if out is None:
+            out = logits.new_empty(task_index.shape[0], logits.shape[1])
+        out[rows] = logits
+    return out
+
+
+def target_layer_names(backbone: nn.Module, soft_config: dict | None) -> list[str]:
+    """The ``nn.Linear`` modules Soft-TF would mask (baselines adapt the very same layers)."""
+    soft_cfg = SoftConfig.from_dict(soft_config) if soft_config else SoftConfig()
+    soft_cfg.modules_to_save = soft_cfg.modules_to_save or []
+    return resolve_config(backbone, soft_cfg)[1]
