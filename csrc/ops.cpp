@@ -1,33 +1,22 @@
-// Op schemas of the `softtf` namespace. Every op the library exposes is declared here once.
+// Op schemas of the `softtf` namespace, defined from the one list in op_list.h.
 //
-// Public ops (torch.ops.softtf.<name>) dispatch in Python (softtf_kernels/_registry.py) to a
+// Public ops (torch.ops.softtf.<name>) dispatch in Python (softtf_kernels/registry.py) to a
 // backend chosen per call: the C++ CPU kernels, the CUDA C++ kernels, Triton, or the reference.
 // The backend kernels are exposed as private ops with the same arguments, prefixed `_cpp_`
 // (CPU dispatch key) and `_cuda_` (CUDA dispatch key), so Python can call and probe them.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "op_list.h"
+
 namespace {
 
-constexpr const char* kMaskedLinear =
-    "(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor";
-constexpr const char* kGradInput = "(Tensor grad_out, Tensor weight, Tensor mask) -> Tensor";
-constexpr const char* kGradMask =
-    "(Tensor grad_out, Tensor x, Tensor weight, ScalarType mask_dtype) -> Tensor";
-constexpr const char* kMixtureGrad =
-    "(Tensor grad_out, Tensor x, Tensor weight, Tensor masks, bool per_sample) -> Tensor";
-constexpr const char* kMixedTask =
-    "(Tensor x, Tensor weight, Tensor masks, Tensor task_ids, Tensor? bias=None) -> Tensor";
-constexpr const char* kMixedTaskGradInput =
-    "(Tensor grad_out, Tensor weight, Tensor masks, Tensor task_ids) -> Tensor";
-
 void define_family(torch::Library& m, const std::string& prefix) {
-  m.def((prefix + "masked_linear" + kMaskedLinear).c_str());
-  m.def((prefix + "masked_linear_grad_input" + kGradInput).c_str());
-  m.def((prefix + "masked_linear_grad_mask" + kGradMask).c_str());
-  m.def((prefix + "mask_mixture_grad" + kMixtureGrad).c_str());
-  m.def((prefix + "mixed_task_linear" + kMixedTask).c_str());
-  m.def((prefix + "mixed_task_linear_grad_input" + kMixedTaskGradInput).c_str());
+#define SOFTTF_DEFINE(name, schema) m.def((prefix + #name schema).c_str());
+  SOFTTF_OPS(SOFTTF_DEFINE)
+#undef SOFTTF_DEFINE
 }
 
 }  // namespace

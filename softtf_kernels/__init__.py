@@ -1,7 +1,9 @@
 """softtf_kernels: the fused masked-linear ops of softtf, registered as ``torch.ops.softtf.*``.
 
 Importing this package loads the compiled extension (schemas + C++ kernels) and registers the
-Python dispatch, fake kernels and autograd. It knows nothing about tasks, models or training.
+Python dispatch, fake kernels and autograd of every op of the op table (table.py). Callers use
+the typed functions of :mod:`softtf_kernels.ops` (``superposed_linear`` included). The package
+knows nothing about tasks, models or training.
 """
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "`pip install --no-build-isolation -e .` after installing torch (see README)."
     ) from exc
 
-from . import _registry  # noqa: E402,F401
-from . import reference  # noqa: E402
+from . import ops, reference, registry  # noqa: E402,F401  (registry: registers the Python side)
 from .backend import (  # noqa: E402
     BACKENDS,
     available_backends,
@@ -34,6 +35,7 @@ __all__ = [
     "cpp_available",
     "cuda_available",
     "get_backend",
+    "ops",
     "reference",
     "set_backend",
     "triton_available",

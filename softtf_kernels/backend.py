@@ -1,4 +1,5 @@
-"""Which implementation runs an op: chosen per call from the backend setting and the device.
+"""Which implementation runs an op: chosen per call from the backend setting, the device and the
+dtypes (the choice is cached per such key, see :func:`choose`).
 
 Setting (env ``SOFTTF_BACKEND`` at import, or :func:`set_backend` / :func:`use_backend`):
 
@@ -20,6 +21,9 @@ import os
 from typing import Callable, Iterator
 
 import torch
+
+from . import reference
+from . import triton as triton_ops
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
@@ -54,7 +58,9 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
+@functools.lru_cache(maxsize=None)
 def _has_kernel(op: str, key: str) -> bool:
+    # Cached: the extension's kernels are registered once, when softtf_kernels._C is imported.
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"softtf::{op}", key)
     except RuntimeError:
@@ -83,19 +89,8 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_impl(op: str) -> Callable:
-    from . import triton as triton_ops
-
-    fn = getattr(triton_ops, op, None)
-    if fn is None:
-        raise NotImplementedError(f"softtf.{op}: no Triton kernel yet; use backend 'reference'")
-    return fn
-
-
-def _reference_impl(op: str) -> Callable:
-    from . import reference
-
-    return getattr(reference, op)
+def _triton_has(op: str) -> bool:
+    return op in triton_ops.__all__
 
 
 def available_backends(device: str | torch.device = "cpu", op: str = "masked_linear") -> list[str]:
@@ -106,24 +101,32 @@ def available_backends(device: str | torch.device = "cpu", op: str = "masked_lin
         names.append("cpp")
     if dev == "cuda" and cuda_available(op):
         names.append("cuda")
-    if triton_available() and (dev == "cuda" or (dev == "cpu" and triton_interpreter())):
-        from . import triton as triton_ops
-
-        if hasattr(triton_ops, op):
-            names.append("triton")
+    if triton_available() and (dev == "cuda" or (dev == "cpu" and triton_interpreter())) and _triton_has(op):
+        names.append("triton")
     names.append("reference")
     return names
 
 
-def resolve(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> tuple[str, Callable]:
-    """(backend name, implementation) for one call of ``op`` on ``device``."""
-    name = get_backend()
-    dev = device.type
+@functools.lru_cache(maxsize=None)
+def choose(op: str, device: torch.device, setting: str, dtypes: tuple[torch.dtype, ...],
+           triton_interpret: bool) -> str:
+    """The backend that runs ``op`` on ``device`` tensors of ``dtypes`` under the backend
+    ``setting``, or an error saying why the setting cannot run them.
+
+    A pure function of its arguments, hence cached: the dispatcher is asked once per key, not per
+    call (errors are not cached, they are raised again). The setting is part of the key, so
+    :func:`set_backend` takes effect at the next call, and so is TRITON_INTERPRET, which the
+    triton backend reads per call on CPU tensors. Only the device's type matters; the device
+    itself is the key so that errors can name it.
+    """
+    name = setting
+    device_type = device.type
+    has_f64 = torch.float64 in dtypes
     if name == "auto":
-        if dev == "cpu":
+        if device_type == "cpu":
             name = "cpp" if cpp_available(op) else "reference"
-        elif dev == "cuda":
-            if triton_available() and torch.float64 not in dtypes:
+        elif device_type == "cuda":
+            if triton_available() and not has_f64:
                 name = "triton"
             elif cuda_available(op):
                 name = "cuda"
@@ -132,33 +135,49 @@ def resolve(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ())
         else:
             name = "reference"
     if name == "reference":
-        return name, _reference_impl(op)
+        return name
     if name == "cpp":
-        if dev != "cpu":
+        if device_type != "cpu":
             raise RuntimeError(f"softtf.{op}: backend 'cpp' runs CPU tensors only, got {device} tensors")
         if not cpp_available(op):
             raise RuntimeError(f"softtf.{op}: the C++ CPU kernel is not built into softtf_kernels._C")
-        return name, getattr(torch.ops.softtf, f"_cpp_{op}")
+        return name
     if name == "cuda":
-        if dev != "cuda":
+        if device_type != "cuda":
             raise RuntimeError(f"softtf.{op}: backend 'cuda' runs CUDA tensors only, got {device} tensors")
         if not cuda_available(op):
             raise RuntimeError(
                 f"softtf.{op}: softtf_kernels._C was built without CUDA kernels for this op "
                 "(reinstall with SOFTTF_FORCE_CUDA=1, see README)"
             )
-        if torch.float64 in dtypes:
-            return "reference", _reference_impl(op)
-        return name, getattr(torch.ops.softtf, f"_cuda_{op}")
+        return "reference" if has_f64 else name
     # triton
     if not triton_available():
         raise RuntimeError(f"softtf.{op}: backend 'triton' needs the triton package (pip install triton)")
-    if dev == "cpu" and not triton_interpreter():
+    if device_type == "cpu" and not triton_interpret:
         raise RuntimeError(
             f"softtf.{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         )
-    if dev not in ("cpu", "cuda"):
+    if device_type not in ("cpu", "cuda"):
         raise RuntimeError(f"softtf.{op}: backend 'triton' does not run {device} tensors")
-    if torch.float64 in dtypes:
-        return "reference", _reference_impl(op)
-    return name, _triton_impl(op)
+    if has_f64:
+        return "reference"
+    if not _triton_has(op):
+        raise NotImplementedError(f"softtf.{op}: no Triton kernel yet; use backend 'reference'")
+    return name
+
+
+def implementation(op: str, name: str) -> Callable:
+    """The function of backend ``name`` for ``op``. Looked up on every call (an attribute read, cheap)
+    rather than cached, so that a kernel replaced on its module (tests wrap them) is the one run."""
+    if name == "reference":
+        return getattr(reference, op)
+    if name == "triton":
+        return getattr(triton_ops, op)
+    return getattr(torch.ops.softtf, f"_{name}_{op}")  # _cpp_<op> / _cuda_<op>
+
+
+def resolve(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> tuple[str, Callable]:
+    """(backend name, implementation) for one call of ``op`` on ``device``."""
+    name = choose(op, device, get_backend(), tuple(dtypes), triton_interpreter())
+    return name, implementation(op, name)

@@ -1,31 +1,23 @@
 """Pure-PyTorch reference of every softtf op: the oracle for the kernels and their fallback.
 
 Signatures match ``torch.ops.softtf.<op>`` exactly. These functions favour clarity over speed
-and may materialize ``W * M`` in full; the kernels must not.
+and may materialize ``W * M`` in full; the kernels must not. Low-precision inputs accumulate in
+fp32 (``common.acc_dtype``), as in the kernels.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "masked_linear",
-    "masked_linear_grad_input",
-    "masked_linear_grad_mask",
-    "mask_mixture_grad",
-    "mixed_task_linear",
-    "mixed_task_linear_grad_input",
-]
+from .common import acc_dtype
+from .table import NAMES
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Kernels accumulate low-precision inputs in fp32; the reference does the same.
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = list(NAMES)  # one function per op of the table, each with the op's signature
 
 
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = x (W ⊙ M)^T + b, computed in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     w = weight.to(acc) * mask.to(acc)
     y = torch.nn.functional.linear(x.to(acc), w, None if bias is None else bias.to(acc))
     return y.to(x.dtype)
@@ -33,14 +25,14 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
 
 def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
     """dx = dy (W ⊙ M), in grad_out's dtype."""
-    acc = _acc_dtype(grad_out.dtype)
+    acc = acc_dtype(grad_out.dtype)
     w = weight.to(acc) * mask.to(acc)
     return (grad_out.to(acc) @ w).to(grad_out.dtype)
 
 
 def masked_linear_grad_mask(grad_out: Tensor, x: Tensor, weight: Tensor, mask_dtype: torch.dtype) -> Tensor:
     """dM = (dy^T x) ⊙ W reduced over every leading dim, returned in ``mask_dtype``."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dy = grad_out.reshape(-1, grad_out.shape[-1]).to(acc)
     xx = x.reshape(-1, x.shape[-1]).to(acc)
     return ((dy.T @ xx) * weight.to(acc)).to(mask_dtype)
@@ -53,7 +45,7 @@ def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor
     per_sample=True: x [B, ..., in], dy [B, ..., out]; sample b uses its own rows only, returns [B, T].
     Result dtype is fp32 (fp64 for fp64 inputs): these are scores, not activations.
     """
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     t = masks.shape[0]
     wm = weight.to(acc).unsqueeze(0) * masks.to(acc)  # [T, out, in]
     if per_sample:
@@ -72,7 +64,7 @@ def mixed_task_linear(
     x: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor, bias: Tensor | None = None
 ) -> Tensor:
     """y_b = x_b (W ⊙ M_{task_ids[b]})^T + b for every sample b of x [B, ..., in]."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     wm = weight.to(acc).unsqueeze(0) * masks.to(acc)[task_ids.long()]  # [B, out, in]
     xx = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)
     y = xx @ wm.transpose(1, 2)
@@ -83,7 +75,7 @@ def mixed_task_linear(
 
 def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor) -> Tensor:
     """dx_b = dy_b (W ⊙ M_{task_ids[b]})."""
-    acc = _acc_dtype(grad_out.dtype)
+    acc = acc_dtype(grad_out.dtype)
     wm = weight.to(acc).unsqueeze(0) * masks.to(acc)[task_ids.long()]
     dy = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(acc)
     return (dy @ wm).reshape(*grad_out.shape[:-1], weight.shape[1]).to(grad_out.dtype)

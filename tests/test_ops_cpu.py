@@ -95,6 +95,15 @@ def test_non_contiguous_x(gen, view):
                      R.masked_linear_grad_mask(dy.double(), x.double(), w.double(), torch.float64), torch.float32, view)
 
 
+@pytest.mark.parametrize("tokens", [3, 40])  # 3: the few-token path (raw pointers); 40: GEMM panels
+def test_strided_bias(gen, tokens):
+    x, w, m, _ = _inputs(gen, (tokens,), 16, 8, torch.float32, torch.float32, bias=False)
+    b = rand((16,), torch.float32, gen)[::2]
+    assert not b.is_contiguous()
+    assert_close_rel(torch.ops.softtf.masked_linear(x, w, m, b), R.masked_linear(*map(_d, (x, w, m, b))),
+                     torch.float32, "strided bias")
+
+
 def test_zero_tokens(gen):
     w, m = rand((5, 4), torch.float32, gen), rand_mask((5, 4), torch.float32, gen)
     x = torch.empty(0, 4)
@@ -217,6 +226,15 @@ def test_cpp_kernel_checks_its_own_arguments(gen):
         torch.ops.softtf._cpp_masked_linear(x, w, m[:2], b)
     with pytest.raises(RuntimeError, match=r"x dtype .* must equal weight dtype"):
         torch.ops.softtf._cpp_masked_linear(x.double(), w, m, b)
+    with pytest.raises(RuntimeError, match=r"x must have last dim 8 \(weight.shape\[1\]\)"):
+        torch.ops.softtf._cpp_masked_linear(x[:, :5], w, m, b)
+    masks, ids = torch.stack([m, m]), torch.tensor([0, 1, 1])
+    with pytest.raises(RuntimeError, match=r"task_ids must be an int64 or int32 tensor, got Float"):
+        torch.ops.softtf._cpp_mixed_task_linear(x, w, masks, ids.float(), b)
+    with pytest.raises(RuntimeError, match=r"task_ids must lie in \[0, 2\), got 2 at sample 2"):
+        torch.ops.softtf._cpp_mixed_task_linear(x, w, masks, torch.tensor([0, 1, 2]), b)
+    with pytest.raises(RuntimeError, match=r"masks must hold at least one task"):
+        torch.ops.softtf._cpp_mask_mixture_grad(rand((3, 4), torch.float32, gen), x, w, masks[:0], False)
 
 
 def test_backend_switch_and_errors(gen):

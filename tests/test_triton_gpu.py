@@ -14,7 +14,7 @@ CUDA = torch.cuda.is_available()
 COMPILED = False
 if CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1":
     try:
-        import softtf_kernels.triton._kernels as _K
+        import softtf_kernels.triton.kernels as _K
 
         COMPILED = not _K.INTERPRET
     except ImportError:  # triton missing
@@ -33,7 +33,7 @@ from helpers import TOL, assert_close_rel, rand, rand_mask  # noqa: E402
 
 if COMPILED:
     import softtf_kernels.triton as T
-    from softtf_kernels.triton import _ops
+    from softtf_kernels.triton import host
 
 DEV = "cuda"
 
@@ -106,7 +106,7 @@ def test_strided_and_transposed(gen, dt):
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])
 def test_grad_mask_split_k(gen, tokens, fin, fout, dt):
     # Few output tiles, many tokens: the split-K path with fp32 partials.
-    if _ops._choose_split(tokens, fout, fin, torch.device(DEV)) == 1:
+    if host._choose_split(tokens, fout, fin, torch.device(DEV)) == 1:
         pytest.skip("this GPU has few enough SMs that the shape runs unsplit")
     x, dy, w = _r((tokens, fin), dt, gen), _r((tokens, fout), dt, gen), _r((fout, fin), dt, gen)
     ref = R.masked_linear_grad_mask(dy.double(), x.double(), w.double(), torch.float64)
@@ -114,7 +114,7 @@ def test_grad_mask_split_k(gen, tokens, fin, fout, dt):
 
 
 def test_autotuning_picks_a_config_per_shape(gen):
-    K = _ops.K
+    K = host.K
     for rows in (1, 40, 4 * 197):
         x, w, m = _r((rows, 768), torch.bfloat16, gen), _r((2304, 768), torch.bfloat16, gen), _m((2304, 768), torch.bfloat16, gen)
         y = T.masked_linear(x, w, m)
@@ -126,7 +126,7 @@ def test_autotuning_picks_a_config_per_shape(gen):
 
 def test_every_config_is_correct(gen):
     """Run the masked GEMM with each autotune config (not only the winner) on a tail-heavy shape."""
-    K = _ops.K
+    K = host.K
     x, w = _r((3, 70, 200), torch.bfloat16, gen), _r((300, 200), torch.bfloat16, gen)
     m = _m((300, 200), torch.float32, gen)
     ref = R.masked_linear(x.double(), w.double(), m.double())

@@ -12,6 +12,7 @@ not see it.
 Shapes stay small (the interpreter runs tiles in numpy); the interpreter has no bf16, which
 tests/test_triton_gpu.py covers on a GPU.
 """
+import inspect
 import os
 import subprocess
 import sys
@@ -23,12 +24,12 @@ def _triton_lib_interpreted() -> bool:
     return type(std.cdiv).__name__ == "InterpretedFunction"
 
 
-_kmod = sys.modules.get("softtf_kernels.triton._kernels")
+_kmod = sys.modules.get("softtf_kernels.triton.kernels")
 if _kmod is None and ("triton" not in sys.modules or _triton_lib_interpreted()):
     _before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import softtf_kernels.triton._kernels as _kmod  # noqa: E402  (decorates the kernels now)
+        import softtf_kernels.triton.kernels as _kmod  # noqa: E402  (decorates the kernels now)
     finally:
         if _before is None:
             del os.environ["TRITON_INTERPRET"]
@@ -42,7 +43,8 @@ import torch  # noqa: E402
 import softtf_kernels  # noqa: E402
 import softtf_kernels.triton as T  # noqa: E402
 from softtf_kernels import reference as R  # noqa: E402
-from softtf_kernels.triton import _ops  # noqa: E402
+from softtf_kernels import table  # noqa: E402
+from softtf_kernels.triton import host  # noqa: E402
 
 from helpers import assert_close_rel, rand, rand_mask  # noqa: E402
 
@@ -121,7 +123,7 @@ def test_rows_view_avoids_copies():
     base = torch.zeros(4, 3, 10)
     for t, flat in [(base, True), (base.transpose(0, 1), False), (base[:, :, 2:7], True),
                     (base[1:3], True), (base[:, 0], True), (base.expand(2, 4, 3, 10)[:, :, 1], False)]:
-        view, rows, l1, s0, s1, is_flat = _ops._rows(t)
+        view, rows, l1, s0, s1, is_flat = host._rows(t)
         assert view.data_ptr() == t.data_ptr() and is_flat == flat
         idx = torch.arange(rows)
         got = (idx // l1) * s0 + (idx % l1) * s1 if not is_flat else idx * s1
@@ -147,7 +149,7 @@ def test_grad_input(gen, lead, fin, fout, dt, mdt):
 @pytest.mark.parametrize("split", [None, 3])
 def test_grad_mask(gen, monkeypatch, lead, fin, fout, dt, mdt, split):
     if split is not None:  # force the split-K path (partials + reduce kernel)
-        monkeypatch.setattr(_ops, "_choose_split", lambda *a: split)
+        monkeypatch.setattr(host, "_choose_split", lambda *a: split)
     x, dy = rand((*lead, fin), dt, gen), rand((*lead, fout), dt, gen)
     w = rand((fout, fin), dt, gen)
     dm = T.masked_linear_grad_mask(dy, x, w, mdt)
@@ -159,7 +161,7 @@ def test_grad_mask(gen, monkeypatch, lead, fin, fout, dt, mdt, split):
 @here
 def test_split_covers_long_token_runs(gen, monkeypatch):
     # 300 tokens in 3 chunks of 128 (the last one short): every token counted exactly once.
-    monkeypatch.setattr(_ops, "_choose_split", lambda *a: 3)
+    monkeypatch.setattr(host, "_choose_split", lambda *a: 3)
     x, dy, w = rand((300, 20), torch.float32, gen), rand((300, 12), torch.float32, gen), rand((12, 20), torch.float32, gen)
     ref = R.masked_linear_grad_mask(dy.double(), x.double(), w.double(), torch.float64)
     assert_close_rel(T.masked_linear_grad_mask(dy, x, w, torch.float32), ref, torch.float32, "dM split")
@@ -268,6 +270,13 @@ def test_unsupported_dtype_names_the_argument():
             raise TypeError("bfloat16 (GPU build: covered in test_triton_gpu.py)")
 
 
+def test_kernels_take_the_op_signatures():
+    # One Triton function per op of the table, which the dispatcher calls with the op's arguments.
+    for name in table.NAMES:
+        schema = [a.name for a in getattr(torch.ops.softtf, name).default._schema.arguments]
+        assert list(inspect.signature(getattr(T, name)).parameters) == schema, name
+
+
 def test_fp32_precision_switch():
     assert T.get_fp32_precision() in ("ieee", "tf32", "tf32x3")
     before = T.get_fp32_precision()
@@ -290,7 +299,7 @@ def test_fp32_precision_switch():
 def test_ops_and_autograd_route_to_triton(gen, monkeypatch, dt, mdt):
     calls = []
     for name in ("masked_linear", "masked_linear_grad_input", "masked_linear_grad_mask"):
-        fn = getattr(_ops, name)
+        fn = getattr(host, name)
         monkeypatch.setattr(T, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a), raising=False)
     softtf_kernels.set_backend("triton")
     x = rand((2, 5, 67), dt, gen).requires_grad_()
@@ -345,7 +354,7 @@ def test_rerun_in_subprocess():
 @pytest.mark.parametrize("major,limit", [(9, 232448), (8, 166912)])
 def test_autotune_pruning_of_the_gpu_config_lists(monkeypatch, major, limit):
     """The GPU config lists (not used by the interpreter) pruned for an H100 / A100."""
-    import softtf_kernels.triton._kernels as K  # the config lists and pruner need no interpreter
+    import softtf_kernels.triton.kernels as K  # the config lists and pruner need no interpreter
 
     monkeypatch.setattr(K, "_device_info", lambda t: (limit, major))
 

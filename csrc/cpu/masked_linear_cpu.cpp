@@ -7,11 +7,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace softtf::cpu {
 namespace {
@@ -59,7 +59,9 @@ void masked_linear_few_tokens(const at::Tensor& xf, const at::Tensor& weight,
   const float* xp = xf.data_ptr<float>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
   const mask_t* mp = mask.data_ptr<mask_t>();
-  const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+  // Read as a dense array below: a strided bias view (rare, out_f elements) is copied first.
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y2.data_ptr<scalar_t>();
   const int64_t n_blocks = (out_f + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, n_blocks, 8, [&](int64_t b0, int64_t b1) {
@@ -86,19 +88,9 @@ void masked_linear_few_tokens(const at::Tensor& xf, const at::Tensor& weight,
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias) {
-  const char* op = "softtf::masked_linear";
-  check_weight_mask(op, weight, mask);
+  check_masked_linear("softtf::masked_linear", x, weight, mask, bias, kCpuKernels);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  check_activation(op, "x", x, weight, in_f);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_f, op, ": bias must have shape [",
-                out_f, "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ",
-                bias->scalar_type(), " must equal x dtype ", x.scalar_type());
-  }
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = out_f;
-  auto y = new_output(out_shape, x.options());
+  auto y = new_output(with_last(x, out_f), x.options());
   auto x2 = as_2d(x);
   auto y2 = y.view({-1, out_f});
   if (x2.size(0) == 0) return y;
@@ -144,13 +136,10 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
 
 at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
                                     const at::Tensor& mask) {
-  const char* op = "softtf::masked_linear_grad_input";
-  check_weight_mask(op, weight, mask);
+  check_masked_linear_grad_input("softtf::masked_linear_grad_input", grad_out, weight, mask,
+                                 kCpuKernels);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  check_activation(op, "grad_out", grad_out, weight, out_f);
-  auto dx_shape = grad_out.sizes().vec();
-  dx_shape.back() = in_f;
-  auto dx = new_output(dx_shape, grad_out.options());
+  auto dx = new_output(with_last(grad_out, in_f), grad_out.options());
   auto dy2 = as_2d(grad_out);
   auto dx2 = dx.view({-1, in_f});
   if (dy2.size(0) == 0) return dx;
@@ -189,15 +178,9 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
 
 at::Tensor masked_linear_grad_mask(const at::Tensor& grad_out, const at::Tensor& x,
                                    const at::Tensor& weight, at::ScalarType mask_dtype) {
-  const char* op = "softtf::masked_linear_grad_mask";
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ",
-              weight.sizes());
-  TORCH_CHECK(is_float_type(mask_dtype), op,
-              ": mask_dtype must be float32, bfloat16, float16 or float64, got ", mask_dtype);
+  check_masked_linear_grad_mask("softtf::masked_linear_grad_mask", grad_out, x, weight, mask_dtype,
+                                kCpuKernels);
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
-  check_activation(op, "x", x, weight, in_f);
-  check_activation(op, "grad_out", grad_out, weight, out_f);
-  check_same_leading(op, grad_out, x);
   auto dm = new_output({out_f, in_f}, weight.options().dtype(mask_dtype));
   const auto acc = acc_dtype(x.scalar_type());
   // dy^T x accumulates over every token: do it in the accumulation dtype, round once at the end.
@@ -221,12 +204,6 @@ at::Tensor masked_linear_grad_mask(const at::Tensor& grad_out, const at::Tensor&
     at::mul_out(dms, gp, weight.narrow(0, o0, n));
   }
   return dm;
-}
-
-TORCH_LIBRARY_IMPL(softtf, CPU, m) {
-  m.impl("_cpp_masked_linear", &masked_linear);
-  m.impl("_cpp_masked_linear_grad_input", &masked_linear_grad_input);
-  m.impl("_cpp_masked_linear_grad_mask", &masked_linear_grad_mask);
 }
 
 }  // namespace softtf::cpu

@@ -1,27 +1,14 @@
 // CPU kernels of the many-mask ops: the Gradient-ID pass and mixed-task batches.
 #include <ATen/ATen.h>
-#include <torch/library.h>
+
+#include <utility>
+#include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace softtf::cpu {
-
-at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                         const std::optional<at::Tensor>& bias);
-at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
-                                    const at::Tensor& mask);
-
 namespace {
-
-void check_masks(const char* op, const at::Tensor& masks, const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
-  TORCH_CHECK(masks.dim() == 3 && masks.size(1) == weight.size(0) && masks.size(2) == weight.size(1),
-              op, ": masks must have shape [T, ", weight.size(0), ", ", weight.size(1), "], got ",
-              masks.sizes());
-  TORCH_CHECK(masks.size(0) > 0, op, ": masks must hold at least one task");
-  TORCH_CHECK(is_float_type(masks.scalar_type()), op,
-              ": masks must be float32, bfloat16, float16 or float64, got ", masks.scalar_type());
-}
 
 // Groups of samples sharing a task: (task, sample indices) for every task present.
 std::vector<std::pair<int64_t, at::Tensor>> group_by_task(const at::Tensor& task_ids, int64_t n_tasks,
@@ -50,13 +37,9 @@ std::vector<std::pair<int64_t, at::Tensor>> group_by_task(const at::Tensor& task
 // G is never held for more than one panel, and no W ⊙ M_t is formed.
 at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
                              const at::Tensor& weight, const at::Tensor& masks, bool per_sample) {
-  const char* op = "softtf::mask_mixture_grad";
-  check_masks(op, masks, weight);
+  check_mask_mixture_grad("softtf::mask_mixture_grad", grad_out, x, weight, masks, per_sample,
+                          kCpuKernels);
   const int64_t out_f = weight.size(0), in_f = weight.size(1), n_tasks = masks.size(0);
-  check_activation(op, "x", x, weight, in_f);
-  check_activation(op, "grad_out", grad_out, weight, out_f);
-  check_same_leading(op, grad_out, x);
-  TORCH_CHECK(!per_sample || x.dim() >= 2, op, ": per_sample=True needs x of shape [B, ..., in]");
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t batch = per_sample ? x.size(0) : 1;
   auto scores = at::zeros({batch, n_tasks}, x.options().dtype(acc));
@@ -82,14 +65,8 @@ at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
 at::Tensor mixed_task_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks,
                              const at::Tensor& task_ids, const std::optional<at::Tensor>& bias) {
   const char* op = "softtf::mixed_task_linear";
-  check_masks(op, masks, weight);
-  check_activation(op, "x", x, weight, weight.size(1));
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape [B, ..., in], got ", x.sizes());
-  TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == x.size(0), op,
-              ": task_ids must have shape [", x.size(0), "], got ", task_ids.sizes());
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = weight.size(0);
-  auto y = new_output(out_shape, x.options());
+  check_mixed_task_linear(op, x, weight, masks, task_ids, bias, kCpuKernels);
+  auto y = new_output(with_last(x, weight.size(0)), x.options());
   // Samples of one task run through the panel kernel together: one GEMM per task present.
   for (auto& [t, rows] : group_by_task(task_ids, masks.size(0), op)) {
     y.index_copy_(0, rows, masked_linear(x.index_select(0, rows), weight, masks[t], bias));
@@ -100,24 +77,12 @@ at::Tensor mixed_task_linear(const at::Tensor& x, const at::Tensor& weight, cons
 at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
                                         const at::Tensor& masks, const at::Tensor& task_ids) {
   const char* op = "softtf::mixed_task_linear_grad_input";
-  check_masks(op, masks, weight);
-  check_activation(op, "grad_out", grad_out, weight, weight.size(0));
-  TORCH_CHECK(grad_out.dim() >= 2, op, ": grad_out must have shape [B, ..., out], got ", grad_out.sizes());
-  TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == grad_out.size(0), op,
-              ": task_ids must have shape [", grad_out.size(0), "], got ", task_ids.sizes());
-  auto dx_shape = grad_out.sizes().vec();
-  dx_shape.back() = weight.size(1);
-  auto dx = new_output(dx_shape, grad_out.options());
+  check_mixed_task_linear_grad_input(op, grad_out, weight, masks, task_ids, kCpuKernels);
+  auto dx = new_output(with_last(grad_out, weight.size(1)), grad_out.options());
   for (auto& [t, rows] : group_by_task(task_ids, masks.size(0), op)) {
     dx.index_copy_(0, rows, masked_linear_grad_input(grad_out.index_select(0, rows), weight, masks[t]));
   }
   return dx;
-}
-
-TORCH_LIBRARY_IMPL(softtf, CPU, m) {
-  m.impl("_cpp_mask_mixture_grad", &mask_mixture_grad);
-  m.impl("_cpp_mixed_task_linear", &mixed_task_linear);
-  m.impl("_cpp_mixed_task_linear_grad_input", &mixed_task_linear_grad_input);
 }
 
 }  // namespace softtf::cpu

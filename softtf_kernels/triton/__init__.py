@@ -34,33 +34,27 @@ torch.compile: the public entry points are opaque ``torch.library`` custom ops
 (``torch.ops.softtf.*``) with fake kernels, so compiled graphs keep them as extern calls to
 these kernels rather than tracing into Triton.
 
-Importing ``softtf_kernels`` does not import this package; importing this package is cheap too:
-triton and the kernels load on first attribute access.
+Importing this package (``softtf_kernels`` does, for backend choice) is cheap: triton and the
+kernels load on first attribute access.
 """
 from __future__ import annotations
 
 import importlib
 
-__all__ = [
-    "masked_linear",
-    "masked_linear_grad_input",
-    "masked_linear_grad_mask",
-    "mask_mixture_grad",
-    "mixed_task_linear",
-    "mixed_task_linear_grad_input",
-    "set_fp32_precision",
-    "get_fp32_precision",
-]
+from ..table import NAMES
+
+# One kernel per op of the table (signatures of the ops), plus the fp32 precision switch.
+__all__ = [*NAMES, "set_fp32_precision", "get_fp32_precision"]
 
 
 def __getattr__(name: str):
     if name in __all__:
-        ops = importlib.import_module("._ops", __name__)
-        value = getattr(ops, name)
+        host = importlib.import_module(".host", __name__)
+        value = getattr(host, name)
         globals()[name] = value
         return value
     if name == "INTERPRET":
-        return importlib.import_module("._kernels", __name__).INTERPRET
+        return importlib.import_module(".kernels", __name__).INTERPRET
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

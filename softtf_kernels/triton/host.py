@@ -1,7 +1,7 @@
 """Host side of the Triton kernels: dtype checks, zero-copy row views, allocation and launch.
 
 Signatures equal those of ``softtf_kernels.reference`` (and of ``torch.ops.softtf.*``). Shape and
-device checks live in ``softtf_kernels._validate`` and run before the dispatcher calls these;
+device checks live in ``softtf_kernels.validate`` and run before the dispatcher calls these;
 here only what the kernels themselves need is checked (dtype support).
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 import triton
 from torch import Tensor
 
-from . import _kernels as K
+from ..common import acc_dtype, new_output
+from . import kernels as K
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -47,15 +48,6 @@ def get_fp32_precision() -> str:
 def _precision(dtype: torch.dtype) -> str:
     # Ignored by tl.dot for 16-bit operands; fixed there so the constexpr (and compile cache) is stable.
     return FP32_PRECISION if dtype == torch.float32 else "ieee"
-
-
-def _empty(shape, dtype, device) -> Tensor:
-    """Output allocation. Under SOFTTF_POISON_OUTPUTS=1 (set by the tests, as for the C++
-    kernels) outputs start as NaN, so an element a kernel forgets to write fails the oracle."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("SOFTTF_POISON_OUTPUTS", "0") == "1":
-        t.fill_(float("nan"))
-    return t
 
 
 def _check(op: str, **tensors: Tensor) -> None:
@@ -153,7 +145,7 @@ def _masked_mm(op: str, a: Tensor, weight: Tensor, masks: Tensor, bias: Tensor |
         red, cols = in_f, out_f
         w_sk, w_sn = weight.stride(1), weight.stride(0)
         m_sk, m_sn = masks.stride(2), masks.stride(1)
-    out = _empty((*a.shape[:-1], cols), dtype=a.dtype, device=a.device)
+    out = new_output((*a.shape[:-1], cols), dtype=a.dtype, device=a.device)
     total_rows = math.prod(a.shape[:-1])
     if out.numel() == 0:
         return out
@@ -200,7 +192,7 @@ def mixed_task_linear(x: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor
     """y_b = x_b (W ⊙ M_{task_ids[b]})^T + b; one launch, each sample's tiles load their task id."""
     _check("mixed_task_linear", x=x, weight=weight, masks=masks, **({} if bias is None else {"bias": bias}))
     if x.shape[0] == 0:
-        return _empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+        return new_output((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
     return _masked_mm("mixed_task_linear", x, weight, masks, bias, task_ids, False, x.shape[0])
 
 
@@ -208,7 +200,7 @@ def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor
     """dx_b = dy_b (W ⊙ M_{task_ids[b]})."""
     _check("mixed_task_linear_grad_input", grad_out=grad_out, weight=weight, masks=masks)
     if grad_out.shape[0] == 0:
-        return _empty((*grad_out.shape[:-1], weight.shape[1]), dtype=grad_out.dtype, device=grad_out.device)
+        return new_output((*grad_out.shape[:-1], weight.shape[1]), dtype=grad_out.dtype, device=grad_out.device)
     return _masked_mm("mixed_task_linear_grad_input", grad_out, weight, masks, None, task_ids, True,
                       grad_out.shape[0])
 
@@ -220,7 +212,7 @@ def masked_linear_grad_mask(grad_out: Tensor, x: Tensor, weight: Tensor, mask_dt
     _check(op, grad_out=grad_out, x=x, weight=weight)
     _check_dtype_arg(op, "mask_dtype", mask_dtype)
     out_f, in_f = weight.shape
-    out = _empty((out_f, in_f), dtype=mask_dtype, device=x.device)
+    out = new_output((out_f, in_f), dtype=mask_dtype, device=x.device)
     if out.numel() == 0:
         return out
     tokens = math.prod(x.shape[:-1])
@@ -231,7 +223,7 @@ def masked_linear_grad_mask(grad_out: Tensor, x: Tensor, weight: Tensor, mask_dt
     split = _choose_split(tokens, out_f, in_f, x.device)
     chunk = triton.cdiv(triton.cdiv(tokens, split), 128) * 128  # whole BLOCK_T steps per chunk
     split = triton.cdiv(tokens, chunk)
-    target = out if split == 1 else _empty((split, out_f, in_f), dtype=torch.float32, device=x.device)
+    target = out if split == 1 else new_output((split, out_f, in_f), dtype=acc_dtype(x.dtype), device=x.device)
     o_ss = 0 if split == 1 else target.stride(0)
     o_sn, o_sk = target.stride(-2), target.stride(-1)
     grid = lambda meta: (triton.cdiv(out_f, meta["BLOCK_N"]) * triton.cdiv(in_f, meta["BLOCK_K"]), split)  # noqa: E731
@@ -268,7 +260,7 @@ def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor
     batch = x.shape[0] if per_sample else None
     if tokens == 0 or out_f == 0 or in_f == 0:
         shape = (batch, n_tasks) if per_sample else (n_tasks,)
-        return torch.zeros(shape, dtype=torch.float32, device=x.device)
+        return torch.zeros(shape, dtype=acc_dtype(x.dtype), device=x.device)
     dy, _, dl1, ds0, ds1, dflat = _rows(grad_out)
     xx, _, xl1, xs0, xs1, xflat = _rows(x)
     if per_sample:
@@ -282,7 +274,7 @@ def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor
     min_bn = min(c.kwargs["BLOCK_N"] for c in K.MIX_CONFIGS)
     min_bk = min(c.kwargs["BLOCK_K"] for c in K.MIX_CONFIGS)
     max_tiles = triton.cdiv(out_f, min_bn) * triton.cdiv(in_f, min_bk)
-    part = _empty((groups, n_tasks, max_tiles), dtype=torch.float32, device=x.device)
+    part = new_output((groups, n_tasks, max_tiles), dtype=acc_dtype(x.dtype), device=x.device)
     used = {}
 
     def grid(meta):

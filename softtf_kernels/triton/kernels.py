@@ -1,7 +1,7 @@
 """Triton kernels of the softtf ops (the jit functions and their autotune configs).
 
 The Python wrappers that allocate outputs, flatten leading dims and launch these live in
-``_ops.py``. Layout conventions used below:
+``host.py``. Layout conventions used below:
 
 - A "row" operand (x, grad_out) is seen as ``[ROWS, F]`` without a copy. Its leading dims are
   collapsed on the host into at most two levels, so row ``r`` lives at

@@ -1,7 +1,11 @@
-"""Argument checks shared by every backend and the fake kernels.
+"""Argument checks of the ops, one function per op (named like it), run before any backend and
+by the fake kernels.
 
 Each check raises with the op, the argument and what was expected, so a user sees the same
-message whichever backend runs. Nothing is broadcast or cast silently.
+message whichever backend runs. Nothing is broadcast or cast silently. Every check takes the
+op's arguments plus the keyword ``check_values``: False skips the checks that read tensor values
+(the task_ids range), which fake and meta tensors do not have; ops without such checks accept
+it so that the registry can call every check the same way.
 """
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ def _leading(op: str, a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
         )
 
 
-def masked_linear(x, weight, mask, bias=None) -> None:
+def masked_linear(x, weight, mask, bias=None, *, check_values: bool = True) -> None:
     op = "softtf.masked_linear"
     out_f, in_f = _weight(op, weight)
     _activation(op, "x", x, in_f, weight, "weight.shape[1]")
@@ -84,7 +88,7 @@ def masked_linear(x, weight, mask, bias=None) -> None:
     _same_device(op, "weight", weight, x=x, mask=mask, bias=bias)
 
 
-def masked_linear_grad_input(grad_out, weight, mask) -> None:
+def masked_linear_grad_input(grad_out, weight, mask, *, check_values: bool = True) -> None:
     op = "softtf.masked_linear_grad_input"
     out_f, _ = _weight(op, weight)
     _activation(op, "grad_out", grad_out, out_f, weight, "weight.shape[0]")
@@ -92,7 +96,7 @@ def masked_linear_grad_input(grad_out, weight, mask) -> None:
     _same_device(op, "weight", weight, grad_out=grad_out, mask=mask)
 
 
-def masked_linear_grad_mask(grad_out, x, weight, mask_dtype) -> None:
+def masked_linear_grad_mask(grad_out, x, weight, mask_dtype, *, check_values: bool = True) -> None:
     op = "softtf.masked_linear_grad_mask"
     out_f, in_f = _weight(op, weight)
     _activation(op, "x", x, in_f, weight, "weight.shape[1]")
@@ -103,7 +107,7 @@ def masked_linear_grad_mask(grad_out, x, weight, mask_dtype) -> None:
     _same_device(op, "weight", weight, grad_out=grad_out, x=x)
 
 
-def mask_mixture_grad(grad_out, x, weight, masks, per_sample) -> None:
+def mask_mixture_grad(grad_out, x, weight, masks, per_sample, *, check_values: bool = True) -> None:
     op = "softtf.mask_mixture_grad"
     out_f, in_f = _weight(op, weight)
     _activation(op, "x", x, in_f, weight, "weight.shape[1]")
@@ -127,7 +131,7 @@ def _task_ids(op: str, task_ids: Tensor, batch: int, n_tasks: int, check_values:
             raise ValueError(f"{op}: task_ids must lie in [0, {n_tasks}), got values in [{lo}, {hi}]")
 
 
-def mixed_task_linear(x, weight, masks, task_ids, bias=None, check_values=True) -> None:
+def mixed_task_linear(x, weight, masks, task_ids, bias=None, *, check_values: bool = True) -> None:
     op = "softtf.mixed_task_linear"
     out_f, in_f = _weight(op, weight)
     _activation(op, "x", x, in_f, weight, "weight.shape[1]")
@@ -139,7 +143,7 @@ def mixed_task_linear(x, weight, masks, task_ids, bias=None, check_values=True) 
     _same_device(op, "weight", weight, x=x, masks=masks, task_ids=task_ids, bias=bias)
 
 
-def mixed_task_linear_grad_input(grad_out, weight, masks, task_ids, check_values=True) -> None:
+def mixed_task_linear_grad_input(grad_out, weight, masks, task_ids, *, check_values: bool = True) -> None:
     op = "softtf.mixed_task_linear_grad_input"
     out_f, _ = _weight(op, weight)
     _activation(op, "grad_out", grad_out, out_f, weight, "weight.shape[0]")

@@ -1,0 +1,79 @@
+"""Autograd formulas of the differentiable ops, registered from the op table (table.py).
+
+Each op has a ``<op>_setup`` (torch.library setup_context) and a ``<op>_backward``. The backward
+passes call the fused gradient ops through the typed wrappers of ops.py, so they run on whichever
+backend is chosen for that call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .common import acc_dtype
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _has_bias(inputs: tuple, index: int) -> bool:
+    # A trailing bias may be omitted (schema default None), so inputs can be shorter.
+    return len(inputs) > index and inputs[index] is not None
+
+
+def _bias_grad(ctx, dy: Tensor, index: int) -> Tensor | None:
+    needs = ctx.needs_input_grad
+    return _flat(dy).sum(0) if ctx.has_bias and len(needs) > index and needs[index] else None
+
+
+# ---------------------------------------------------------------- masked_linear
+def _weight_grad(dy: Tensor, x: Tensor, mask: Tensor, weight: Tensor) -> Tensor:
+    # Weights are frozen in Soft-TF; dW = (dy^T x) ⊙ M is offered for completeness, unfused.
+    acc = acc_dtype(x.dtype)
+    return ((_flat(dy).to(acc).T @ _flat(x).to(acc)) * mask.to(acc)).to(weight.dtype)
+
+
+def masked_linear_setup(ctx, inputs, output) -> None:
+    x, weight, mask = inputs[:3]
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = _has_bias(inputs, 3)
+
+
+def masked_linear_backward(ctx, dy: Tensor):
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_w, need_m = ctx.needs_input_grad[:3]
+    dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+    dx = ops.masked_linear_grad_input(dy, weight, mask) if need_x else None
+    dw = _weight_grad(dy, x, mask, weight) if need_w else None
+    dm = ops.masked_linear_grad_mask(dy, x, weight, mask.dtype) if need_m else None
+    return (dx, dw, dm, _bias_grad(ctx, dy, 3))[: len(ctx.needs_input_grad)]
+
+
+# ---------------------------------------------------------------- mixed_task_linear
+def mixed_task_linear_setup(ctx, inputs, output) -> None:
+    x, weight, masks, task_ids = inputs[:4]
+    ctx.save_for_backward(x, weight, masks, task_ids)
+    ctx.has_bias = _has_bias(inputs, 4)
+
+
+def mixed_task_linear_backward(ctx, dy: Tensor):
+    x, weight, masks, task_ids = ctx.saved_tensors
+    need_x, need_w, need_m = ctx.needs_input_grad[:3]
+    acc = acc_dtype(x.dtype)
+    dx = ops.mixed_task_linear_grad_input(dy, weight, masks, task_ids) if need_x else None
+    dw = None
+    if need_w:
+        per_sample = masks[task_ids.long()].to(acc)  # [B, out, in]; unfused, W is frozen
+        dyb = dy.reshape(dy.shape[0], -1, dy.shape[-1]).to(acc)
+        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)
+        dw = torch.einsum("bno,bni,boi->oi", dyb, xb, per_sample).to(weight.dtype)
+    dm = None
+    if need_m:
+        # Rare (masks of finished tasks are frozen): dM_t = Σ_{b: ids[b]=t} (dy_b^T x_b) ⊙ W, written
+        # without data-dependent control flow so it traces under torch.compile.
+        onehot = torch.nn.functional.one_hot(task_ids.long(), masks.shape[0]).to(acc)
+        dyb = dy.reshape(dy.shape[0], -1, dy.shape[-1]).to(acc)
+        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)
+        dm = (torch.einsum("bt,bno,bni->toi", onehot, dyb, xb) * weight.to(acc)).to(masks.dtype)
+    return (dx, dw, dm, None, _bias_grad(ctx, dy, 4))[: len(ctx.needs_input_grad)]

@@ -1,0 +1,24 @@
+"""Rules every Python implementation of the ops shares: the accumulation dtype and the output
+allocator. The C++ kernels follow the same two rules (csrc/cpu/common.h, csrc/checks.h)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated (and scores returned) in: fp32 for fp32/bf16/fp16 inputs,
+    fp64 for fp64 inputs (which gradcheck uses)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """An uninitialised output. Under SOFTTF_POISON_OUTPUTS=1 (set by the tests, read per call like
+    the C++ kernels do) it starts as NaN, so an element a kernel forgets to write fails the oracle
+    instead of passing on lucky zeros."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("SOFTTF_POISON_OUTPUTS", "0") == "1":
+        t.fill_(float("nan"))
+    return t

@@ -1,0 +1,102 @@
+"""Typed Python entry points of the softtf ops: what softtf and this package's own autograd call.
+
+The primitive ops are thin wrappers of ``torch.ops.softtf.<op>`` (backend choice, validation,
+fakes and autograd live behind the op, see registry.py), so they trace under torch.compile like
+the op itself. ``superposed_linear`` is a composite op: a ``torch.autograd.Function`` built from
+the primitives.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import acc_dtype
+
+__all__ = [
+    "masked_linear",
+    "masked_linear_grad_input",
+    "masked_linear_grad_mask",
+    "mask_mixture_grad",
+    "mixed_task_linear",
+    "mixed_task_linear_grad_input",
+    "superposed_linear",
+]
+
+
+# ---------------------------------------------------------------- primitive ops
+def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x (W ⊙ M)^T + b in x's dtype; x [..., in], weight and mask [out, in], bias [out]."""
+    return torch.ops.softtf.masked_linear(x, weight, mask, bias)
+
+
+def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+    """dx = dy (W ⊙ M) in grad_out's dtype."""
+    return torch.ops.softtf.masked_linear_grad_input(grad_out, weight, mask)
+
+
+def masked_linear_grad_mask(grad_out: Tensor, x: Tensor, weight: Tensor, mask_dtype: torch.dtype) -> Tensor:
+    """dM = (dy^T x) ⊙ W summed over every leading dim, in ``mask_dtype``."""
+    return torch.ops.softtf.masked_linear_grad_mask(grad_out, x, weight, mask_dtype)
+
+
+def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor, per_sample: bool) -> Tensor:
+    """∂H/∂α_t = Σ (dy^T x) ⊙ W ⊙ M_t for masks [T, out, in]: [T], or [B, T] when ``per_sample``."""
+    return torch.ops.softtf.mask_mixture_grad(grad_out, x, weight, masks, per_sample)
+
+
+def mixed_task_linear(x: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor,
+                      bias: Tensor | None = None) -> Tensor:
+    """y_b = x_b (W ⊙ M_{task_ids[b]})^T + b for every sample b of x [B, ..., in]."""
+    return torch.ops.softtf.mixed_task_linear(x, weight, masks, task_ids, bias)
+
+
+def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor) -> Tensor:
+    """dx_b = dy_b (W ⊙ M_{task_ids[b]})."""
+    return torch.ops.softtf.mixed_task_linear_grad_input(grad_out, weight, masks, task_ids)
+
+
+# ---------------------------------------------------------------- composite ops
+class _SuperposedLinear(torch.autograd.Function):
+    """y = x (W ⊙ Σ_t α_t M_t)^T + b; ∂/∂α through the fused mask_mixture_grad op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, masks, alpha, bias):
+        a = alpha if alpha.dim() == 1 else alpha[0]
+        acc = acc_dtype(x.dtype)
+        # M̄ = Σ_t α_t M_t: one [out, in] buffer. fp32 masks: one GEMV reading each mask once;
+        # low-precision masks: accumulate task by task rather than upcasting all T at once.
+        a = a.detach().to(acc)
+        if masks.dtype == acc:
+            mbar = torch.mv(masks.reshape(masks.shape[0], -1).t(), a).view(masks.shape[1:])
+        else:
+            mbar = torch.zeros(masks.shape[1:], dtype=acc, device=masks.device)
+            for t in range(masks.shape[0]):
+                mbar.add_(masks[t], alpha=float(a[t]))
+        ctx.save_for_backward(x, weight, masks, mbar)
+        ctx.per_sample = alpha.dim() == 2
+        ctx.alpha_dtype = alpha.dtype
+        ctx.has_bias = bias is not None
+        return masked_linear(x, weight, mbar, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, masks, mbar = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = masked_linear_grad_input(dy, weight, mbar) if ctx.needs_input_grad[0] else None
+        dalpha = None
+        if ctx.needs_input_grad[3]:
+            dalpha = mask_mixture_grad(dy, x, weight, masks, ctx.per_sample).to(ctx.alpha_dtype)
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return dx, None, None, dalpha, db
+
+
+def superposed_linear(x: Tensor, weight: Tensor, masks: Tensor, alpha: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (W ⊙ Σ_t α_t M_t)^T + b with α [T], or [B, T] (equal rows) for per-sample ∂/∂α."""
+    if alpha.dim() == 2:
+        if x.dim() < 2 or alpha.shape[0] != x.shape[0]:
+            raise ValueError(f"superposed_linear: alpha [B, T] needs x [B, ...] with the same B, got "
+                             f"alpha {tuple(alpha.shape)} and x {tuple(x.shape)}")
+        if not torch.equal(alpha, alpha[:1].expand_as(alpha)):
+            raise ValueError("superposed_linear: rows of a per-sample alpha [B, T] must be equal "
+                             "(use one batch per distinct mixture)")
+    return _SuperposedLinear.apply(x, weight, masks, alpha, bias)

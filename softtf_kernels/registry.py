@@ -1,0 +1,43 @@
+"""Python side of the ``softtf`` ops, derived from the op table (table.py): for every op a CPU/CUDA
+kernel that validates and runs the backend chosen for the call, a fake kernel for torch.compile /
+meta tensors, and the autograd formula where the op is differentiable. The schemas are defined by
+the compiled extension (csrc/ops.cpp), which must be loaded first."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backend
+from .table import OPS, OpSpec
+
+_lib = torch.library.Library("softtf", "FRAGMENT")
+
+
+def _dispatching(spec: OpSpec):
+    def kernel(*args):
+        spec.validate(*args)
+        dtypes = tuple(args[i].dtype for i in spec.dtype_args if isinstance(args[i], Tensor))
+        _, impl = backend.resolve(spec.name, args[0].device, dtypes)
+        return impl(*args)
+
+    kernel.__name__ = f"{spec.name}_dispatch"
+    return kernel
+
+
+def _faking(spec: OpSpec):
+    def fake(*args, **kwargs):
+        # Same checks as the real kernel, except those reading values a fake tensor does not hold.
+        spec.validate(*args, **kwargs, check_values=False)
+        return spec.fake(*args, **kwargs)
+
+    fake.__name__ = f"{spec.name}_fake"
+    return fake
+
+
+for _spec in OPS:
+    _qualname = f"softtf::{_spec.name}"
+    torch.library.register_kernel(_qualname, ("cpu", "cuda"), _dispatching(_spec), lib=_lib)
+    torch.library.register_fake(_qualname, _faking(_spec), lib=_lib)
+    if _spec.autograd is not None:
+        torch.library.register_autograd(_qualname, _spec.autograd.backward,
+                                        setup_context=_spec.autograd.setup_context, lib=_lib)

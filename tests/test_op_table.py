@@ -1,0 +1,140 @@
+"""The op table (softtf_kernels.table) against everything derived from it or listed beside it: the
+C++ schema list, the registered kernels, the reference and Triton modules, the typed wrappers,
+the fakes; the cached backend choice; the composite superposed_linear."""
+import inspect
+
+import pytest
+import torch
+
+import softtf_kernels
+from softtf_kernels import backend, ops, reference, table, validate
+from softtf_kernels import triton as triton_ops
+
+from helpers import assert_close_rel, rand, rand_mask
+
+
+def _schema_args(qualname: str) -> list[str]:
+    return [a.name for a in getattr(torch.ops.softtf, qualname).default._schema.arguments]
+
+
+def _params(fn) -> list[str]:
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind != p.KEYWORD_ONLY]
+
+
+def test_table_and_cpp_list_and_modules_agree():
+    names = table.NAMES
+    assert len(set(names)) == len(names) == len(table.OPS)
+    # The C++ list (csrc/op_list.h) defines each op three times, and nothing else.
+    defined = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("softtf::")}
+    assert defined == {f"{p}{n}" for n in names for p in ("", "_cpp_", "_cuda_")}
+    assert list(reference.__all__) == list(names)
+    assert [n for n in triton_ops.__all__ if n in names] == list(names)
+    assert [n for n in ops.__all__ if n != "superposed_linear"] == list(names)
+    for spec in table.OPS:
+        args = _schema_args(spec.name)
+        assert _schema_args(f"_cpp_{spec.name}") == args == _schema_args(f"_cuda_{spec.name}"), spec.name
+        for module in (reference, ops, validate):
+            assert _params(getattr(module, spec.name)) == args, (module.__name__, spec.name)
+        assert spec.validate is getattr(validate, spec.name)
+        assert all(i < len(args) for i in spec.dtype_args)
+
+
+def test_every_op_has_its_kernels_fake_and_autograd_registered():
+    for spec in table.OPS:
+        q = f"softtf::{spec.name}"
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(q, key), (q, key)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "Autograd") == (spec.autograd is not None), q
+        assert softtf_kernels.cpp_available(spec.name), spec.name
+    # The CUDA kernels are built for every op or for none.
+    assert len({softtf_kernels.cuda_available(n) for n in table.NAMES}) == 1
+
+
+def _sample_args(name, gen, device=None):
+    B, N, fin, fout, T = 3, 4, 12, 7, 2
+    x, dy = rand((B, N, fin), torch.float32, gen), rand((B, N, fout), torch.float32, gen)
+    w, b = rand((fout, fin), torch.float32, gen), rand((fout,), torch.float32, gen)
+    m, masks = rand_mask((fout, fin), torch.bfloat16, gen), rand_mask((T, fout, fin), torch.float16, gen)
+    ids = torch.tensor([1, 0, 1])
+    args = {
+        "masked_linear": (x, w, m, b),
+        "masked_linear_grad_input": (dy, w, m),
+        "masked_linear_grad_mask": (dy, x, w, torch.bfloat16),
+        "mask_mixture_grad": (dy, x, w, masks, True),
+        "mixed_task_linear": (x, w, masks, ids, b),
+        "mixed_task_linear_grad_input": (dy, w, masks, ids),
+    }[name]
+    return tuple(a.to(device) if device is not None and isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("name", table.NAMES)
+def test_fake_output_matches_the_reference(gen, name):
+    expected = getattr(reference, name)(*_sample_args(name, gen))
+    out = getattr(torch.ops.softtf, name)(*_sample_args(name, gen, "meta"))
+    assert (out.device.type, out.shape, out.dtype) == ("meta", expected.shape, expected.dtype)
+
+
+@pytest.mark.parametrize("name", table.NAMES)
+def test_typed_wrappers_run_the_op(gen, name):
+    args = _sample_args(name, gen)
+    softtf_kernels.set_backend("reference")
+    assert torch.equal(getattr(ops, name)(*args), getattr(reference, name)(*args))
+
+
+def test_backend_choice_is_cached_per_key_and_follows_set_backend(gen):
+    cpu, dtypes = torch.device("cpu"), (torch.float32,) * 3
+    x, w, m, b = _sample_args("masked_linear", gen)
+    backend.choose.cache_clear()
+    softtf_kernels.set_backend("cpp")
+    assert backend.resolve("masked_linear", cpu, dtypes)[0] == "cpp"
+    assert backend.resolve("masked_linear", cpu, dtypes)[0] == "cpp"
+    torch.ops.softtf.masked_linear(x, w, m.float(), b)  # the op's own dispatch uses the same key
+    info = backend.choose.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    softtf_kernels.set_backend("reference")  # the setting is part of the key: takes effect at once
+    name, impl = backend.resolve("masked_linear", cpu, dtypes)
+    assert (name, impl) == ("reference", reference.masked_linear)
+    softtf_kernels.set_backend("cpp")
+    assert backend.resolve("masked_linear", cpu, dtypes)[0] == "cpp"
+    assert backend.resolve("masked_linear", cpu, (torch.float64,) * 3)[0] == "cpp"  # another key
+    info = backend.choose.cache_info()
+    assert (info.misses, info.hits) == (3, 3)
+    # Errors are raised on every call, never cached as a choice.
+    with softtf_kernels.use_backend("cuda"):
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=r"backend 'cuda' runs CUDA tensors only"):
+                backend.resolve("masked_linear", cpu, dtypes)
+
+
+# ---------------------------------------------------------------- composite: superposed_linear
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("mdt", [torch.float32, torch.bfloat16])
+def test_superposed_linear_matches_oracle(gen, per_sample, mdt):
+    B, N, fin, fout, T = 3, 4, 20, 9, 5
+    x = rand((B, N, fin), torch.float32, gen).requires_grad_()
+    w = rand((fout, fin), torch.float32, gen)
+    b = rand((fout,), torch.float32, gen).requires_grad_()
+    masks = rand_mask((T, fout, fin), mdt, gen)
+    a = torch.rand(T, generator=gen)
+    alpha = (a.expand(B, T).clone() if per_sample else a.clone()).requires_grad_()
+    y = ops.superposed_linear(x, w, masks, alpha, b)
+    dy = rand(y.shape, torch.float32, gen)
+    dx, da, db = torch.autograd.grad(y, (x, alpha, b), dy)
+    xr, ar, br = (t.detach().double().requires_grad_() for t in (x, alpha, b))
+    a_b = ar if per_sample else ar.expand(B, T)  # per-sample alpha: each row drives its sample
+    yr = torch.einsum("bni,boi->bno", xr, w.double() * torch.einsum("bt,toi->boi", a_b, masks.double())) + br
+    rx, ra, rb = torch.autograd.grad(yr, (xr, ar, br), dy.double())
+    assert y.dtype == x.dtype and da.dtype == alpha.dtype and da.shape == alpha.shape
+    assert_close_rel(y, yr.detach(), torch.float32, "y")
+    assert_close_rel(dx, rx, torch.float32, "dx")
+    assert_close_rel(da, ra, torch.float32, "dalpha")
+    assert_close_rel(db, rb, torch.float32, "db")
+
+
+def test_superposed_linear_errors(gen):
+    x, w = rand((3, 4, 8), torch.float32, gen), rand((5, 8), torch.float32, gen)
+    masks = rand_mask((2, 5, 8), torch.float32, gen)
+    with pytest.raises(ValueError, match=r"rows of a per-sample alpha \[B, T\] must be equal"):
+        ops.superposed_linear(x, w, masks, torch.tensor([[0.2, 0.8], [0.5, 0.5], [0.2, 0.8]]))
+    with pytest.raises(ValueError, match=r"alpha \[B, T\] needs x \[B, ...\] with the same B, got alpha \(2, 2\)"):
+        ops.superposed_linear(x, w, masks, torch.ones(2, 2))
