@@ -16,7 +16,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-import softtf_kernels  # noqa: F401  (registers torch.ops.softtf)
+from softtf_kernels import ops
+from softtf_kernels.common import acc_dtype
+from softtf_kernels.ops import superposed_linear
 
 __all__ = ["LinearWrapper", "SoftLinear", "MaskInit", "ModeState", "MaskSwitch", "init_mask", "preserve_modes", "soft_layers", "superposed_linear", "train_dtype"]
 
@@ -39,7 +41,7 @@ class ModeState:
 
 def train_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # Masks train in fp32 (fp64 for fp64 models): bf16 parameters would swallow small Adam steps.
-    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+    return acc_dtype(weight_dtype)
 
 
 def init_mask(shape: Sequence[int], init: MaskInit, dtype: torch.dtype, device, generator=None) -> Tensor:
@@ -53,52 +55,6 @@ def init_mask(shape: Sequence[int], init: MaskInit, dtype: torch.dtype, device, 
         m = torch.empty(shape, dtype=dtype, device=device)
         return m.uniform_(low, high, generator=generator)
     raise ValueError(f"init must be 'ones' or ('uniform', low, high), got {init!r}")
-
-
-class _SuperposedLinear(torch.autograd.Function):
-    """y = x (W ⊙ Σ_t α_t M_t)^T + b; ∂/∂α through the fused mask_mixture_grad op."""
-
-    @staticmethod
-    def forward(ctx, x, weight, masks, alpha, bias):
-        a = alpha if alpha.dim() == 1 else alpha[0]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        # M̄ = Σ_t α_t M_t: one [out, in] buffer. fp32 masks: one GEMV reading each mask once;
-        # low-precision masks: accumulate task by task rather than upcasting all T at once.
-        a = a.detach().to(acc)
-        if masks.dtype == acc:
-            mbar = torch.mv(masks.reshape(masks.shape[0], -1).t(), a).view(masks.shape[1:])
-        else:
-            mbar = torch.zeros(masks.shape[1:], dtype=acc, device=masks.device)
-            for t in range(masks.shape[0]):
-                mbar.add_(masks[t], alpha=float(a[t]))
-        ctx.save_for_backward(x, weight, masks, mbar)
-        ctx.per_sample = alpha.dim() == 2
-        ctx.alpha_dtype = alpha.dtype
-        ctx.has_bias = bias is not None
-        return torch.ops.softtf.masked_linear(x, weight, mbar, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, masks, mbar = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch.ops.softtf.masked_linear_grad_input(dy, weight, mbar) if ctx.needs_input_grad[0] else None
-        dalpha = None
-        if ctx.needs_input_grad[3]:
-            dalpha = torch.ops.softtf.mask_mixture_grad(dy, x, weight, masks, ctx.per_sample).to(ctx.alpha_dtype)
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-        return dx, None, None, dalpha, db
-
-
-def superposed_linear(x: Tensor, weight: Tensor, masks: Tensor, alpha: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (W ⊙ Σ_t α_t M_t)^T + b with α [T], or [B, T] (equal rows) for per-sample ∂/∂α."""
-    if alpha.dim() == 2:
-        if x.dim() < 2 or alpha.shape[0] != x.shape[0]:
-            raise ValueError(f"superposed_linear: alpha [B, T] needs x [B, ...] with the same B, got "
-                             f"alpha {tuple(alpha.shape)} and x {tuple(x.shape)}")
-        if not torch.equal(alpha, alpha[:1].expand_as(alpha)):
-            raise ValueError("superposed_linear: rows of a per-sample alpha [B, T] must be equal "
-                             "(use one batch per distinct mixture)")
-    return _SuperposedLinear.apply(x, weight, masks, alpha, bias)
 
 
 class LinearWrapper(nn.Module):
@@ -311,7 +267,7 @@ class SoftLinear(LinearWrapper):
         if self.mode == "disabled" or (self.mode == "single" and self.active_task is None):
             return self.base_layer(x)
         if self.mode == "single":
-            return torch.ops.softtf.masked_linear(x, self.weight, self.mask(self.active_task), self.bias)
+            return ops.masked_linear(x, self.weight, self.mask(self.active_task), self.bias)
         state = self._state
         masks = self.stacked_masks(state.mix_names)
         if state.mode == "per_sample":
@@ -321,7 +277,7 @@ class SoftLinear(LinearWrapper):
                     f"SoftLinear: per-sample mode holds {ids.shape[0]} task ids but x has "
                     f"shape {tuple(x.shape)} (expected [B, ..., in] with B = {ids.shape[0]})"
                 )
-            return torch.ops.softtf.mixed_task_linear(x, self.weight, masks, ids, self.bias)
+            return ops.mixed_task_linear(x, self.weight, masks, ids, self.bias)
         return superposed_linear(x, self.weight, masks, state.alpha, self.bias)
 
     # ------------------------------------------------------------------ state
