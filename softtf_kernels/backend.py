@@ -1,7 +1,10 @@
 """Which implementation runs an op: chosen per call from the backend setting, the device and the
 dtypes (the choice is cached per such key, see :func:`choose`).
 
-Setting (env ``SOFTTF_BACKEND`` at import, or :func:`set_backend` / :func:`use_backend`):
+Setting: the process default (env ``SOFTTF_BACKEND`` at import, then :func:`set_backend`),
+overridden inside ``with use_backend(name):`` blocks. ``use_backend`` is scoped by a
+:class:`contextvars.ContextVar`: it affects only the current thread / asyncio task (and code run
+in it), so overlapping blocks in two threads never leak into each other or into the default.
 
 - ``auto``      CPU tensors -> C++ CPU kernel; CUDA tensors -> Triton, else CUDA C++ if built.
 - ``cpp``       the C++ CPU kernel (CPU tensors only).
@@ -16,6 +19,7 @@ float64 on Triton) go to the reference, which is exact for them.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from typing import Callable, Iterator
@@ -34,28 +38,35 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-_backend = _check_name(os.environ.get("SOFTTF_BACKEND", "auto").strip().lower() or "auto", "SOFTTF_BACKEND")
+# The process default (SOFTTF_BACKEND, then set_backend) and the scoped override of use_backend:
+# None in the context var means "no use_backend block active here, use the default".
+_default = _check_name(os.environ.get("SOFTTF_BACKEND", "auto").strip().lower() or "auto", "SOFTTF_BACKEND")
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("softtf_backend", default=None)
 
 
 def get_backend() -> str:
-    return _backend
+    """The backend setting in effect here: the innermost active :func:`use_backend` of this
+    thread / asyncio task, else the process default."""
+    scoped = _scoped.get()
+    return _default if scoped is None else scoped
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for every later op call in this process."""
-    global _backend
-    _backend = _check_name(str(name).strip().lower(), "backend")
+    """Set the process default: the backend wherever no :func:`use_backend` block is active
+    (every thread, later calls). Inside a ``use_backend`` block the block's choice still wins."""
+    global _default
+    _default = _check_name(str(name).strip().lower(), "backend")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Temporarily choose a backend: ``with use_backend("reference"): ...``."""
-    previous = get_backend()
-    set_backend(name)
+    """Choose a backend for the calls made inside the block, in this thread / asyncio task only:
+    ``with use_backend("reference"): ...``. Blocks nest; the previous setting returns on exit."""
+    token = _scoped.set(_check_name(str(name).strip().lower(), "backend"))
     try:
         yield
     finally:
-        set_backend(previous)
+        _scoped.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
