@@ -13,10 +13,15 @@ from .table import OPS, OpSpec
 _lib = torch.library.Library("softtf", "FRAGMENT")
 
 
+def _dtype_of(arg) -> torch.dtype:
+    # A tensor argument's dtype, or a dtype argument itself (masked_linear_grad_mask's mask_dtype).
+    return arg.dtype if isinstance(arg, Tensor) else arg
+
+
 def _dispatching(spec: OpSpec):
     def kernel(*args):
         spec.validate(*args)
-        dtypes = tuple(args[i].dtype for i in spec.dtype_args if isinstance(args[i], Tensor))
+        dtypes = tuple(_dtype_of(args[i]) for i in spec.dtype_args if i < len(args) and args[i] is not None)
         _, impl = backend.resolve(spec.name, args[0].device, dtypes)
         return impl(*args)
 

@@ -26,8 +26,10 @@ class Autograd:
 @dataclass(frozen=True)
 class OpSpec:
     name: str
-    # Positions of the tensor arguments whose dtypes choose the kernel (float64 goes to the
-    # reference on GPU backends).
+    # Positions of the float arguments whose dtypes choose the kernel: every float tensor and
+    # every dtype argument (float64 anywhere goes to the reference on GPU backends, in forward and
+    # backward alike; tests/test_op_table.py checks none is missing). The index-typed task_ids
+    # are not float arguments; an omitted bias (None) is skipped.
     dtype_args: tuple[int, ...]
     # validate.<op>: raises naming the argument; takes the op's arguments and check_values=.
     validate: Callable[..., None]
@@ -60,12 +62,12 @@ def _scores(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor, per_samp
 
 
 OPS: tuple[OpSpec, ...] = (
-    OpSpec("masked_linear", (0, 1, 2), validate.masked_linear, _out_features_like_input,
+    OpSpec("masked_linear", (0, 1, 2, 3), validate.masked_linear, _out_features_like_input,
            Autograd(autograd.masked_linear_setup, autograd.masked_linear_backward)),
     OpSpec("masked_linear_grad_input", (0, 1, 2), validate.masked_linear_grad_input, _in_features_like_grad),
-    OpSpec("masked_linear_grad_mask", (0, 1, 2), validate.masked_linear_grad_mask, _mask_shaped),
+    OpSpec("masked_linear_grad_mask", (0, 1, 2, 3), validate.masked_linear_grad_mask, _mask_shaped),
     OpSpec("mask_mixture_grad", (0, 1, 2, 3), validate.mask_mixture_grad, _scores),
-    OpSpec("mixed_task_linear", (0, 1, 2), validate.mixed_task_linear, _out_features_like_input,
+    OpSpec("mixed_task_linear", (0, 1, 2, 4), validate.mixed_task_linear, _out_features_like_input,
            Autograd(autograd.mixed_task_linear_setup, autograd.mixed_task_linear_backward)),
     OpSpec("mixed_task_linear_grad_input", (0, 1, 2), validate.mixed_task_linear_grad_input,
            _in_features_like_grad),

@@ -37,6 +37,12 @@ def test_table_and_cpp_list_and_modules_agree():
             assert _params(getattr(module, spec.name)) == args, (module.__name__, spec.name)
         assert spec.validate is getattr(validate, spec.name)
         assert all(i < len(args) for i in spec.dtype_args)
+        # Every float tensor argument and every dtype argument chooses the kernel (an fp64 one
+        # anywhere must route forward and backward alike to the reference); task_ids does not.
+        schema = getattr(torch.ops.softtf, spec.name).default._schema.arguments
+        float_args = {i for i, a in enumerate(schema)
+                      if a.name == "mask_dtype" or (a.name != "task_ids" and str(a.type) in ("Tensor", "Tensor?", "Optional[Tensor]"))}
+        assert set(spec.dtype_args) == float_args, (spec.name, spec.dtype_args, float_args)
 
 
 def test_every_op_has_its_kernels_fake_and_autograd_registered():
@@ -82,7 +88,7 @@ def test_typed_wrappers_run_the_op(gen, name):
 
 
 def test_backend_choice_is_cached_per_key_and_follows_set_backend(gen):
-    cpu, dtypes = torch.device("cpu"), (torch.float32,) * 3
+    cpu, dtypes = torch.device("cpu"), (torch.float32,) * 4  # x, weight, mask, bias
     x, w, m, b = _sample_args("masked_linear", gen)
     backend.choose.cache_clear()
     softtf_kernels.set_backend("cpp")

@@ -341,6 +341,49 @@ def test_gradient_id_ops_route_to_triton(gen):
 
 
 # ----------------------------------------------------------------- subprocess fallback
+@here
+@pytest.mark.parametrize("ids", ["strided", "expanded"])
+def test_mixed_task_honours_task_ids_strides(gen, ids):
+    """task_ids is read at its strides: [0,0,1,1][::2] is tasks 0,1 (not 0,0), and a stride-0
+    expansion of one id reads that one element (not past the storage)."""
+    task_ids = torch.tensor([0, 0, 1, 1])[::2] if ids == "strided" else torch.tensor([1]).expand(4)
+    B = task_ids.shape[0]
+    x, dy = rand((B, 3, 33), torch.float32, gen), rand((B, 3, 17), torch.float32, gen)
+    w, masks = rand((17, 33), torch.float32, gen), rand_mask((2, 17, 33), torch.float32, gen)
+    b = rand((17,), torch.float32, gen)
+    d = lambda t: t.double()  # noqa: E731
+    assert_close_rel(T.mixed_task_linear(x, w, masks, task_ids, b),
+                     R.mixed_task_linear(d(x), d(w), d(masks), task_ids, d(b)), torch.float32, "forward")
+    assert_close_rel(T.mixed_task_linear_grad_input(dy, w, masks, task_ids),
+                     R.mixed_task_linear_grad_input(d(dy), d(w), d(masks), task_ids), torch.float32, "dx")
+
+
+@here
+@pytest.mark.parametrize("op", ["masked_linear", "mixed_task_linear"])
+def test_fp64_mask_routes_forward_and_backward_alike(gen, op):
+    """An fp64 mask on fp32 weights: forward goes to the reference, and so must every backward op
+    (grad_mask is keyed on its mask_dtype argument), instead of Triton raising TypeError."""
+    softtf_kernels.set_backend("triton")
+    x = rand((2, 3, 8), torch.float32, gen).requires_grad_()
+    w, b = rand((5, 8), torch.float32, gen), rand((5,), torch.float32, gen).requires_grad_()
+    if op == "masked_linear":
+        m = rand_mask((5, 8), torch.float64, gen).requires_grad_()
+        y = torch.ops.softtf.masked_linear(x, w, m, b)
+        ref = lambda xx, mm, bb: R.masked_linear(xx.double(), w.double(), mm, bb.double())  # noqa: E731
+    else:
+        m = rand_mask((2, 5, 8), torch.float64, gen).requires_grad_()
+        ids = torch.tensor([1, 0])
+        y = torch.ops.softtf.mixed_task_linear(x, w, m, ids, b)
+        ref = lambda xx, mm, bb: R.mixed_task_linear(xx.double(), w.double(), mm, ids, bb.double())  # noqa: E731
+    dy = rand(y.shape, torch.float32, gen)
+    y.backward(dy)
+    xr, mr, br = (t.detach().double().requires_grad_() for t in (x, m, b))
+    ref(xr, mr, br).backward(dy.double())
+    for got, want, what in [(x.grad, xr.grad, "dx"), (m.grad, mr.grad, "dM"), (b.grad, br.grad, "db")]:
+        assert got.dtype == want.dtype or what != "dM"
+        assert_close_rel(got, want, torch.float32, what)
+
+
 @pytest.mark.skipif(RUN_HERE, reason="kernels run in this process under the interpreter")
 def test_rerun_in_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")

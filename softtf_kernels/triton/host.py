@@ -145,6 +145,10 @@ def _masked_mm(op: str, a: Tensor, weight: Tensor, masks: Tensor, bias: Tensor |
         red, cols = in_f, out_f
         w_sk, w_sn = weight.stride(1), weight.stride(0)
         m_sk, m_sn = masks.stride(2), masks.stride(1)
+    if task_ids is not None:
+        # The kernel reads task_ids[b] at b (unit stride): a strided or expanded view is copied
+        # (B elements) rather than read as if dense.
+        task_ids = task_ids.contiguous()
     out = new_output((*a.shape[:-1], cols), dtype=a.dtype, device=a.device)
     total_rows = math.prod(a.shape[:-1])
     if out.numel() == 0:
