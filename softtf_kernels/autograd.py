@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .common import acc_dtype
+from .common import acc_dtype, as_rows, as_samples
 
 
 def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
+    return as_rows(t)
 
 
 def _has_bias(inputs: tuple, index: int) -> bool:
@@ -65,15 +65,15 @@ def mixed_task_linear_backward(ctx, dy: Tensor):
     dw = None
     if need_w:
         per_sample = masks[task_ids.long()].to(acc)  # [B, out, in]; unfused, W is frozen
-        dyb = dy.reshape(dy.shape[0], -1, dy.shape[-1]).to(acc)
-        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)
+        dyb = as_samples(dy).to(acc)
+        xb = as_samples(x).to(acc)
         dw = torch.einsum("bno,bni,boi->oi", dyb, xb, per_sample).to(weight.dtype)
     dm = None
     if need_m:
         # Rare (masks of finished tasks are frozen): dM_t = Σ_{b: ids[b]=t} (dy_b^T x_b) ⊙ W, written
         # without data-dependent control flow so it traces under torch.compile.
         onehot = torch.nn.functional.one_hot(task_ids.long(), masks.shape[0]).to(acc)
-        dyb = dy.reshape(dy.shape[0], -1, dy.shape[-1]).to(acc)
-        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)
+        dyb = as_samples(dy).to(acc)
+        xb = as_samples(x).to(acc)
         dm = (torch.einsum("bt,bno,bni->toi", onehot, dyb, xb) * weight.to(acc)).to(masks.dtype)
     return (dx, dw, dm, None, _bias_grad(ctx, dy, 4))[: len(ctx.needs_input_grad)]

@@ -2,6 +2,7 @@
 allocator. The C++ kernels follow the same two rules (csrc/cpu/common.h, csrc/checks.h)."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -22,3 +23,14 @@ def new_output(shape, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     if os.environ.get("SOFTTF_POISON_OUTPUTS", "0") == "1":
         t.fill_(float("nan"))
     return t
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """``t [..., F]`` as ``[tokens, F]``. Sizes are spelled out rather than -1, which is ambiguous
+    (and raises) when a dim is 0: 0 tokens, or F = 0 (``nn.Linear(0, n)``)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def as_samples(t: Tensor) -> Tensor:
+    """``t [B, ..., F]`` as ``[B, tokens per sample, F]``, valid for B = 0 and F = 0 too."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])

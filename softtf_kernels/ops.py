@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import acc_dtype
+from .common import acc_dtype, as_rows
 
 __all__ = [
     "masked_linear",
@@ -86,7 +86,7 @@ class _SuperposedLinear(torch.autograd.Function):
         dalpha = None
         if ctx.needs_input_grad[3]:
             dalpha = mask_mixture_grad(dy, x, weight, masks, ctx.per_sample).to(ctx.alpha_dtype)
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        db = as_rows(dy).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return dx, None, None, dalpha, db
 
 

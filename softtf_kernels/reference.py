@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import acc_dtype
+from .common import acc_dtype, as_rows, as_samples
 from .table import NAMES
 
 __all__ = list(NAMES)  # one function per op of the table, each with the op's signature
@@ -33,8 +33,8 @@ def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> 
 def masked_linear_grad_mask(grad_out: Tensor, x: Tensor, weight: Tensor, mask_dtype: torch.dtype) -> Tensor:
     """dM = (dy^T x) ⊙ W reduced over every leading dim, returned in ``mask_dtype``."""
     acc = acc_dtype(x.dtype)
-    dy = grad_out.reshape(-1, grad_out.shape[-1]).to(acc)
-    xx = x.reshape(-1, x.shape[-1]).to(acc)
+    dy = as_rows(grad_out).to(acc)
+    xx = as_rows(x).to(acc)
     return ((dy.T @ xx) * weight.to(acc)).to(mask_dtype)
 
 
@@ -49,13 +49,12 @@ def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor
     t = masks.shape[0]
     wm = weight.to(acc).unsqueeze(0) * masks.to(acc)  # [T, out, in]
     if per_sample:
-        b = x.shape[0]
-        dy = grad_out.reshape(b, -1, grad_out.shape[-1]).to(acc)
-        xx = x.reshape(b, -1, x.shape[-1]).to(acc)
+        dy = as_samples(grad_out).to(acc)
+        xx = as_samples(x).to(acc)
         g = torch.einsum("bno,bni->boi", dy, xx)  # [B, out, in]
         return torch.einsum("boi,toi->bt", g, wm)
-    dy = grad_out.reshape(-1, grad_out.shape[-1]).to(acc)
-    xx = x.reshape(-1, x.shape[-1]).to(acc)
+    dy = as_rows(grad_out).to(acc)
+    xx = as_rows(x).to(acc)
     g = dy.T @ xx
     return (wm * g.unsqueeze(0)).reshape(t, -1).sum(1)
 
@@ -66,7 +65,7 @@ def mixed_task_linear(
     """y_b = x_b (W ⊙ M_{task_ids[b]})^T + b for every sample b of x [B, ..., in]."""
     acc = acc_dtype(x.dtype)
     wm = weight.to(acc).unsqueeze(0) * masks.to(acc)[task_ids.long()]  # [B, out, in]
-    xx = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)
+    xx = as_samples(x).to(acc)
     y = xx @ wm.transpose(1, 2)
     if bias is not None:
         y = y + bias.to(acc)
@@ -77,5 +76,5 @@ def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor
     """dx_b = dy_b (W ⊙ M_{task_ids[b]})."""
     acc = acc_dtype(grad_out.dtype)
     wm = weight.to(acc).unsqueeze(0) * masks.to(acc)[task_ids.long()]
-    dy = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).to(acc)
+    dy = as_samples(grad_out).to(acc)
     return (dy @ wm).reshape(*grad_out.shape[:-1], weight.shape[1]).to(grad_out.dtype)

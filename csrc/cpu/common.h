@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
 
 #include "checks.h"
@@ -28,8 +30,9 @@ inline int64_t panel_size(int64_t other_dim, int64_t elem_size, int64_t total) {
 }
 
 // x viewed as [tokens, features] with unit stride on features, copying only when it must.
+// The sizes are spelled out: -1 is ambiguous (and raises) when features or tokens are 0.
 inline at::Tensor as_2d(const at::Tensor& t) {
-  auto t2 = t.reshape({-1, t.size(-1)});
+  auto t2 = t.reshape({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
   if (t2.stride(1) != 1) t2 = t2.contiguous();
   return t2;
 }

@@ -92,8 +92,8 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   auto y = new_output(with_last(x, out_f), x.options());
   auto x2 = as_2d(x);
-  auto y2 = y.view({-1, out_f});
-  if (x2.size(0) == 0) return y;
+  auto y2 = y.view({x2.size(0), out_f});
+  if (x2.size(0) == 0 || out_f == 0) return y;
 
   const auto st = x.scalar_type();
   if (x2.size(0) <= kSmallTokens && st != at::kDouble && weight.is_contiguous() && mask.is_contiguous()) {
@@ -116,21 +116,40 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
     return y;
   }
 
+  // Zero in-features: an empty reduction, y = bias (or 0).
+  if (in_f == 0) {
+    if (bias.has_value()) {
+      y2.copy_(bias->unsqueeze(0).expand({x2.size(0), out_f}));
+    } else {
+      y2.zero_();
+    }
+    return y;
+  }
+
   // Sequential panels, each GEMM using every thread: measured faster here than one panel per
   // thread with single-threaded GEMMs (x is packed per panel either way).
+  // W ⊙ M is formed in the accumulation dtype (fp32 for 16-bit inputs): a product that overflows
+  // the weight dtype (fp16 300 * 300) must not turn into inf when the result does not. For 16-bit
+  // inputs x is converted once and the GEMMs write an fp32 result rounded once into y.
+  const auto acc = acc_dtype(st);
+  const at::Tensor xa = st == acc ? x2 : x2.to(acc);
+  at::Tensor ya = st == acc ? y2 : at::empty({x2.size(0), out_f}, x2.options().dtype(acc));
+  const at::Tensor ba = bias.has_value() ? bias->to(acc) : at::Tensor();
   auto one_panel = [&](at::Tensor& panel, int64_t o0, int64_t n) {
     auto wm = panel.narrow(0, 0, n);
-    at::mul_out(wm, weight.narrow(0, o0, n), mask.narrow(0, o0, n));
-    auto ys = y2.narrow(1, o0, n);
-    if (bias.has_value()) {
-      at::addmm_out(ys, bias->narrow(0, o0, n), x2, wm.t());
+    wm.copy_(weight.narrow(0, o0, n));
+    wm.mul_(mask.narrow(0, o0, n));
+    auto ys = ya.narrow(1, o0, n);
+    if (ba.defined()) {
+      at::addmm_out(ys, ba.narrow(0, o0, n), xa, wm.t());
     } else {
-      at::mm_out(ys, x2, wm.t());
+      at::mm_out(ys, xa, wm.t());
     }
   };
-  const int64_t p = panel_size(in_f, weight.element_size(), out_f);
-  auto panel = at::empty({p, in_f}, weight.options());
+  const int64_t p = panel_size(in_f, at::elementSize(acc), out_f);
+  auto panel = at::empty({p, in_f}, weight.options().dtype(acc));
   for (int64_t o0 = 0; o0 < out_f; o0 += p) one_panel(panel, o0, std::min(p, out_f - o0));
+  if (st != acc) y2.copy_(ya);
   return y;
 }
 
@@ -141,38 +160,32 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   const int64_t out_f = weight.size(0), in_f = weight.size(1);
   auto dx = new_output(with_last(grad_out, in_f), grad_out.options());
   auto dy2 = as_2d(grad_out);
-  auto dx2 = dx.view({-1, in_f});
-  if (dy2.size(0) == 0) return dx;
+  auto dx2 = dx.view({dy2.size(0), in_f});
+  if (dy2.size(0) == 0 || in_f == 0) return dx;
+  if (out_f == 0) return dx.zero_();  // an empty reduction
 
+  // Row panels of W ⊙ M (contiguous reads), accumulated into dx with full-width GEMMs: dy is
+  // packed once per panel along K only. Everything runs in the accumulation dtype: W ⊙ M is
+  // formed there (fp16 300 * 300 must not overflow), and for 16-bit inputs dx is accumulated in
+  // fp32 across the panels and rounded once at the end.
   const auto st = grad_out.scalar_type();
-  if (st == at::kFloat || st == at::kDouble) {
-    // Row panels of W ⊙ M (contiguous reads), accumulated into dx with full-width GEMMs: dy is
-    // packed once per panel along K only and dx stays in the output dtype's full precision.
-    const int64_t p = panel_size(in_f, weight.element_size(), out_f);
-    auto panel = at::empty({p, in_f}, weight.options());
-    for (int64_t o0 = 0; o0 < out_f; o0 += p) {
-      const int64_t n = std::min(p, out_f - o0);
-      auto wm = panel.narrow(0, 0, n);
-      at::mul_out(wm, weight.narrow(0, o0, n), mask.narrow(0, o0, n));
-      if (o0 == 0) {
-        at::mm_out(dx2, dy2.narrow(1, 0, n), wm);
-      } else {
-        dx2.addmm_(dy2.narrow(1, o0, n), wm);
-      }
+  const auto acc = acc_dtype(st);
+  const at::Tensor dya = st == acc ? dy2 : dy2.to(acc);
+  at::Tensor dxa = st == acc ? dx2 : at::empty({dy2.size(0), in_f}, dy2.options().dtype(acc));
+  const int64_t p = panel_size(in_f, at::elementSize(acc), out_f);
+  auto panel = at::empty({p, in_f}, weight.options().dtype(acc));
+  for (int64_t o0 = 0; o0 < out_f; o0 += p) {
+    const int64_t n = std::min(p, out_f - o0);
+    auto wm = panel.narrow(0, 0, n);
+    wm.copy_(weight.narrow(0, o0, n));
+    wm.mul_(mask.narrow(0, o0, n));
+    if (o0 == 0) {
+      at::mm_out(dxa, dya.narrow(1, 0, n), wm);
+    } else {
+      dxa.addmm_(dya.narrow(1, o0, n), wm);
     }
-    return dx;
   }
-  // 16-bit dx would lose precision if accumulated across panels: column panels instead, each dx
-  // column block complete after one GEMM (fp32 accumulation inside the BLAS call).
-  const int64_t p = panel_size(out_f, weight.element_size(), in_f);
-  auto panel = at::empty({out_f, p}, weight.options());
-  for (int64_t i0 = 0; i0 < in_f; i0 += p) {
-    const int64_t n = std::min(p, in_f - i0);
-    auto wm = panel.narrow(1, 0, n);
-    at::mul_out(wm, weight.narrow(1, i0, n), mask.narrow(1, i0, n));
-    auto dxs = dx2.narrow(1, i0, n);
-    at::mm_out(dxs, dy2, wm);
-  }
+  if (st != acc) dx2.copy_(dxa);
   return dx;
 }
 
@@ -186,6 +199,7 @@ at::Tensor masked_linear_grad_mask(const at::Tensor& grad_out, const at::Tensor&
   // dy^T x accumulates over every token: do it in the accumulation dtype, round once at the end.
   auto dy2 = as_2d(grad_out).to(acc);
   auto x2 = as_2d(x).to(acc);
+  if (out_f == 0 || in_f == 0) return dm;
   if (x2.size(0) == 0) return dm.zero_();
   if (mask_dtype == acc) {
     // dM must exist in full anyway: one GEMM straight into it, then ⊙ W in place.

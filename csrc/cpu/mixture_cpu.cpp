@@ -1,5 +1,6 @@
 // CPU kernels of the many-mask ops: the Gradient-ID pass and mixed-task batches.
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <utility>
 #include <vector>
@@ -43,9 +44,11 @@ at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
   const auto acc = acc_dtype(x.scalar_type());
   const int64_t batch = per_sample ? x.size(0) : 1;
   auto scores = at::zeros({batch, n_tasks}, x.options().dtype(acc));
-  if (x.numel() == 0 || batch == 0) return per_sample ? scores : scores.view({n_tasks});
-  auto dy3 = grad_out.reshape({batch, -1, out_f}).to(acc).contiguous();
-  auto x3 = x.reshape({batch, -1, in_f}).to(acc).contiguous();
+  const int64_t tokens = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  // Nothing to sum (no token, or an empty W): every score is 0.
+  if (tokens == 0 || out_f == 0 || in_f == 0) return per_sample ? scores : scores.view({n_tasks});
+  auto dy3 = grad_out.reshape({batch, tokens / batch, out_f}).to(acc).contiguous();
+  auto x3 = x.reshape({batch, tokens / batch, in_f}).to(acc).contiguous();
   auto w = weight.to(acc);
 
   // Panel rows so that H [B, p, in] stays around 2 MiB.

@@ -56,6 +56,16 @@ void launched(const char* op, bool ok, DType t, DType u) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// y [tokens, out] of an empty reduction (in_f == 0): the bias, or 0.
+at::Tensor bias_only(at::Tensor y, const std::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    y.copy_(bias->expand(y.sizes()));
+  } else {
+    y.zero_();
+  }
+  return y;
+}
+
 // ------------------------------------------------------------------ ops
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                          const std::optional<at::Tensor>& bias) {
@@ -66,6 +76,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   auto y = new_output(with_last(x, out_f), x.options());
   const int64_t tokens = leading(x);
   if (tokens == 0 || out_f == 0) return y;
+  if (in_f == 0) return bias_only(y, bias);
   auto xc = x.contiguous(), w = weight.contiguous(), m = mask.contiguous();
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const DType dt = to_dtype(x.scalar_type()), mt = to_dtype(mask.scalar_type());
@@ -86,6 +97,7 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   auto dx = new_output(with_last(grad_out, in_f), grad_out.options());
   const int64_t tokens = leading(grad_out);
   if (tokens == 0 || in_f == 0) return dx;
+  if (out_f == 0) return dx.zero_();  // an empty reduction
   auto dy = grad_out.contiguous(), w = weight.contiguous(), m = mask.contiguous();
   const DType dt = to_dtype(dy.scalar_type()), mt = to_dtype(mask.scalar_type());
   Plan pl = plan_dgrad(dy.data_ptr(), w.data_ptr(), m.data_ptr(), nullptr, false, dx.data_ptr(), 1,
@@ -125,7 +137,12 @@ at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
   auto opts = x.options().dtype(at::kFloat);
   auto out = new_output({batches, n_tasks}, opts);
   if (batches == 0) return out;
-  const int64_t tokens = batches > 0 ? leading(x) / batches : 0;
+  // Nothing to sum (no token, or an empty W): every score is 0, and no empty grid is launched.
+  if (leading(x) == 0 || out_f == 0 || in_f == 0) {
+    out.zero_();
+    return per_sample ? out : out.view({n_tasks});
+  }
+  const int64_t tokens = leading(x) / batches;
   auto dy = grad_out.contiguous(), xc = x.contiguous(), w = weight.contiguous();
   auto m = masks.contiguous();
   const DType dt = to_dtype(x.scalar_type()), mt = to_dtype(masks.scalar_type());
@@ -153,6 +170,7 @@ at::Tensor mixed_task_linear(const at::Tensor& x, const at::Tensor& weight, cons
   auto y = new_output(with_last(x, out_f), x.options());
   const int64_t batches = x.size(0), all = leading(x);
   if (all == 0 || out_f == 0) return y;
+  if (in_f == 0) return bias_only(y, bias);
   auto xc = x.contiguous(), w = weight.contiguous(), m = masks.contiguous();
   auto ids = task_ids.contiguous();
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -175,6 +193,7 @@ at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Te
   auto dx = new_output(with_last(grad_out, in_f), grad_out.options());
   const int64_t batches = grad_out.size(0), all = leading(grad_out);
   if (all == 0 || in_f == 0) return dx;
+  if (out_f == 0) return dx.zero_();  // an empty reduction
   auto dy = grad_out.contiguous(), w = weight.contiguous(), m = masks.contiguous();
   auto ids = task_ids.contiguous();
   const DType dt = to_dtype(dy.scalar_type()), mt = to_dtype(masks.scalar_type());
