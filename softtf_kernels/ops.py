@@ -4,6 +4,35 @@ The primitive ops are thin wrappers of ``torch.ops.softtf.<op>`` (backend choice
 fakes and autograd live behind the op, see registry.py), so they trace under torch.compile like
 the op itself. ``superposed_linear`` is a composite op: a ``torch.autograd.Function`` built from
 the primitives.
+
+Input contract (every backend; checked by tests/test_reliability.py and the property-based suites
+tests/test_fuzz_ops.py / test_fuzz_triton.py against the float64 reference):
+
+- Strides: any. Every tensor argument (x, grad_out, weight, mask(s), bias, task_ids) may be
+  non-contiguous, transposed, sliced with a step, start at a storage offset, or be a stride-0
+  expansion; results equal those of the dense tensor with the same values. Kernels that read by
+  raw pointer either pass the strides (Triton) or copy to a dense buffer first (C++ few-token
+  path: the bias and the fp32 copy of x; CUDA: non-contiguous x/dy/W/M/bias/task_ids; Triton:
+  task_ids, and x/dy only when their leading dims cannot be merged into two levels).
+- Shapes: x / grad_out [..., F] with any number of leading dims (mixed_task_* and
+  ``per_sample=True`` need [B, ..., F]). Every dim may be 0: 0 tokens or samples (empty output;
+  grad_mask and the scores are 0), 0 in-features (y = bias, or 0; dM is empty), 0 out-features
+  (empty y; dx = 0). masks needs at least one task.
+- Dtypes: x, grad_out, weight and bias share one dtype (float32, bfloat16, float16, float64); a
+  mask may have any of the four. Sums accumulate in fp32 (fp64 for fp64 inputs); outputs are in
+  x's / grad_out's dtype, dM in ``mask_dtype``, mixture scores fp32 (fp64). An fp64 argument
+  anywhere (x, W, a mask, bias, or ``mask_dtype``) sends the call to the reference on the GPU
+  backends, in forward and backward alike. Mixed dtypes are never cast silently: a mismatch raises
+  TypeError naming the argument.
+- Range: the C++ CPU kernels and the reference form W ⊙ M in the accumulation dtype, so a product
+  beyond fp16's range (fp16 300 * 300 = 90000) is fine wherever the result fits. The GPU kernels
+  (Triton, CUDA) form it in fp32 and round it once to the operand dtype for the tensor cores:
+  with fp16 operands every |W ⊙ M| must stay below 65504 (fp16 max), else that product is inf;
+  bf16 has fp32's range. Results that overflow the output dtype are inf on every backend.
+- task_ids: int64 or int32, one per sample, in [0, T); out of range raises ValueError (checked
+  before any kernel runs).
+- Backend choice: ``use_backend`` is scoped to the current thread / asyncio task
+  (contextvars); ``set_backend`` sets the process default.
 """
 from __future__ import annotations
 

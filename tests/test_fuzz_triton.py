@@ -1,0 +1,77 @@
+"""Property-based tests of every op on the Triton backend (CPU, TRITON_INTERPRET=1) against the
+float64 reference: the ops directly and autograd (cases and profiles: tests/fuzz_cases.py).
+
+The interpreter must be switched on before triton is imported, exactly as in
+tests/test_triton_kernels.py: this module imports the kernels under TRITON_INTERPRET=1 when it can,
+and otherwise (triton already loaded for a GPU in this process) skips its tests and reruns itself
+in a subprocess. Dtypes: fp32/fp16 (the interpreter has no bf16); fp64 masks are drawn too and
+must route to the reference in forward and backward alike. Few cases (the interpreter is slow).
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+
+def _triton_lib_interpreted() -> bool:
+    import triton.language.standard as std
+
+    return type(std.cdiv).__name__ == "InterpretedFunction"
+
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None  # found, not imported (that fixes its mode)
+_kmod = sys.modules.get("softtf_kernels.triton.kernels")
+if HAVE_TRITON and _kmod is None and ("triton" not in sys.modules or _triton_lib_interpreted()):
+    _before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import softtf_kernels.triton.kernels as _kmod  # noqa: E402
+    finally:
+        if _before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _before
+RUN_HERE = HAVE_TRITON and _kmod is not None and bool(_kmod.INTERPRET) and _triton_lib_interpreted()
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from softtf_kernels import table  # noqa: E402
+
+from fuzz_cases import TRITON_DTYPES, check_autograd, check_op, draw_autograd_case, draw_case, examples  # noqa: E402
+
+here = pytest.mark.skipif(not RUN_HERE, reason="triton missing, or loaded for a GPU in this process "
+                                               "(test_fuzz_rerun_in_subprocess runs these)")
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SOFTTF_POISON_OUTPUTS", "1")
+
+
+@here
+@pytest.mark.parametrize("op", table.NAMES)
+@settings(max_examples=examples(triton=True))
+@given(data=st.data())
+def test_op_matches_reference(op, data):
+    check_op(op, draw_case(data.draw, op, TRITON_DTYPES), "triton")
+
+
+@here
+@pytest.mark.parametrize("op", ["masked_linear", "mixed_task_linear"])
+@settings(max_examples=examples(triton=True))
+@given(data=st.data())
+def test_autograd_matches_reference(op, data):
+    args, want = draw_autograd_case(data.draw, op, TRITON_DTYPES)
+    check_autograd(op, args, want, "triton")
+
+
+@pytest.mark.skipif(RUN_HERE or not HAVE_TRITON, reason="kernels run in this process under the interpreter")
+def test_fuzz_rerun_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
