@@ -5,56 +5,31 @@
 The base layer's parameters never train. Each task owns a real-valued mask shaped like W; the
 mask of the task being trained is an fp32 ``nn.Parameter``; once frozen it moves into a stacked
 buffer ``frozen_masks`` [T, out, in] stored in ``mask_dtype`` (bf16/fp16 halve the bytes per task).
+
+Serving several tasks concurrently: select the task per call with ``with use_task(name):`` (a
+context variable, private to each thread and asyncio task) rather than ``set_task`` (shared state
+of the layer). Structural changes (add, freeze, delete, load) hold the layer's lock, and forward
+takes its snapshot of the selection and mask references under the same lock (not the compute),
+so a forward sees the layer wholly before or wholly after a concurrent change.
 """
 from __future__ import annotations
 
 import contextlib
-import re
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from softtf_kernels import ops
-from softtf_kernels.common import acc_dtype
 from softtf_kernels.ops import superposed_linear
 
-__all__ = ["LinearWrapper", "SoftLinear", "MaskInit", "ModeState", "MaskSwitch", "init_mask", "preserve_modes", "soft_layers", "superposed_linear", "train_dtype"]
+from .tasks import MASK_DTYPES, TASK_NAME, MaskInit, ModeState, current_task, init_mask, train_dtype, use_task
 
-MaskInit = Any  # "ones" | ("uniform", low, high)
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-_MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-MODES = ("single", "disabled", "superposed", "per_sample")
-
-
-@dataclass(frozen=True)
-class ModeState:
-    """A snapshot of a layer's selection (mode, active task, mixture), for :meth:`SoftLinear.restore_mode`."""
-
-    mode: str
-    active_task: str | None
-    mix_names: tuple[str, ...] = ()
-    alpha: Tensor | None = None
-    task_ids: Tensor | None = None
-
-
-def train_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    # Masks train in fp32 (fp64 for fp64 models): bf16 parameters would swallow small Adam steps.
-    return acc_dtype(weight_dtype)
-
-
-def init_mask(shape: Sequence[int], init: MaskInit, dtype: torch.dtype, device, generator=None) -> Tensor:
-    """A new mask: ``"ones"`` (reproduces the pretrained layer) or ``("uniform", low, high)``."""
-    if isinstance(init, str) and init == "ones":
-        return torch.ones(shape, dtype=dtype, device=device)
-    if isinstance(init, (tuple, list)) and len(init) == 3 and init[0] == "uniform":
-        low, high = float(init[1]), float(init[2])
-        if not low <= high:
-            raise ValueError(f"init: uniform bounds must satisfy low <= high, got ({low}, {high})")
-        m = torch.empty(shape, dtype=dtype, device=device)
-        return m.uniform_(low, high, generator=generator)
-    raise ValueError(f"init must be 'ones' or ('uniform', low, high), got {init!r}")
+__all__ = [
+    "LinearWrapper", "SoftLinear", "MaskInit", "ModeState", "MaskSwitch", "MASK_DTYPES", "TASK_NAME", "current_task",
+    "init_mask", "preserve_modes", "soft_layers", "superposed_linear", "train_dtype", "use_task",
+]
 
 
 class LinearWrapper(nn.Module):
@@ -91,15 +66,20 @@ class SoftLinear(LinearWrapper):
     Args:
         base_layer: the pretrained ``nn.Linear``; its parameters are frozen in place.
         mask_dtype: dtype of frozen masks (default: the weight's dtype). Trainable masks are fp32.
+
+    NaN and Inf in the inputs or in a mask are not checked: they propagate through the forward as
+    in the reference ``x @ (W * M).T + b`` (task inference refuses them: see ``gradient_id``).
+    Threads: choose the task per call with :func:`use_task`; add/freeze/delete/load may run while
+    other threads call forward (each forward sees the layer before or after the change).
     """
 
     def __init__(self, base_layer: nn.Linear, mask_dtype: torch.dtype | None = None):
-        if mask_dtype is not None and mask_dtype not in _MASK_DTYPES:  # before base_layer is touched
-            raise TypeError(f"SoftLinear: mask_dtype must be one of {_MASK_DTYPES}, got {mask_dtype}")
+        if mask_dtype is not None and mask_dtype not in MASK_DTYPES:  # before base_layer is touched
+            raise TypeError(f"SoftLinear: mask_dtype must be one of {MASK_DTYPES}, got {mask_dtype}")
         super().__init__(base_layer)
         mask_dtype = base_layer.weight.dtype if mask_dtype is None else mask_dtype
-        if mask_dtype not in _MASK_DTYPES:
-            raise TypeError(f"SoftLinear: mask_dtype must be one of {_MASK_DTYPES}, got {mask_dtype}")
+        if mask_dtype not in MASK_DTYPES:
+            raise TypeError(f"SoftLinear: mask_dtype must be one of {MASK_DTYPES}, got {mask_dtype}")
         self.mask_dtype = mask_dtype
         self.masks = nn.ParameterDict()  # unfrozen tasks
         w = base_layer.weight
@@ -108,6 +88,16 @@ class SoftLinear(LinearWrapper):
         self._order: list[str] = []  # every task, in the order added
         # What the next forward computes; replaced whole (never mutated) so a snapshot stays valid.
         self._state = ModeState("single", None)
+        self._lock = threading.RLock()  # held by structural changes and by forward's snapshot
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: a lock cannot be copied, a new one is made
+        state = super().__getstate__()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -141,15 +131,16 @@ class SoftLinear(LinearWrapper):
 
     def add_task(self, name: str, init: MaskInit = "ones", generator: torch.Generator | None = None) -> None:
         """Add a task with a fresh trainable mask and make it the active task."""
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not TASK_NAME.match(name):
             raise ValueError(f"SoftLinear: task name must match [A-Za-z0-9_-]+, got {name!r}")
-        if name in self._order:
-            raise ValueError(f"SoftLinear: task {name!r} already exists")
         w = self.weight
         mask = init_mask(w.shape, init, train_dtype(w.dtype), w.device, generator)
-        self.masks[name] = nn.Parameter(mask)
-        self._order.append(name)
-        self.set_task(name)
+        with self._lock:
+            if name in self._order:
+                raise ValueError(f"SoftLinear: task {name!r} already exists")
+            self.masks[name] = nn.Parameter(mask)
+            self._order.append(name)
+            self.set_task(name)
 
     def set_task(self, name: str, train: bool | None = None) -> None:
         """Make ``name`` the active task (single-task mode). Its mask trains unless it is frozen."""
@@ -158,47 +149,107 @@ class SoftLinear(LinearWrapper):
         if train and frozen:
             raise ValueError(f"SoftLinear: task {name!r} is frozen; its mask cannot be trained (add a new task)")
         train = (not frozen) if train is None else train
-        for n, p in self.masks.items():
-            p.requires_grad_(bool(train) and n == name)
-        self._state = ModeState("single", name)
+        with self._lock:
+            for n, p in self.masks.items():
+                p.requires_grad_(bool(train) and n == name)
+            self._state = ModeState("single", name)
 
     def freeze_task(self, name: str) -> None:
         """Move a trained mask into the frozen store (in ``mask_dtype``); it never trains again."""
-        self._check_known(name)
-        if name in self._frozen:
-            raise ValueError(f"SoftLinear: task {name!r} is already frozen")
-        mask = self.masks.pop(name).detach().to(self.mask_dtype)
-        self.frozen_masks = torch.cat([self.frozen_masks, mask.unsqueeze(0)], 0)
-        self._frozen.append(name)
+        with self._lock:
+            self._check_known(name)
+            if name in self._frozen:
+                raise ValueError(f"SoftLinear: task {name!r} is already frozen")
+            mask = self.masks[name].detach().to(self.mask_dtype)
+            self.frozen_masks = torch.cat([self.frozen_masks, mask.unsqueeze(0)], 0)
+            del self.masks[name]
+            self._frozen.append(name)
 
     def delete_task(self, name: str) -> None:
-        self._check_known(name)
-        if name in self._frozen:
-            i = self._frozen.index(name)
-            self.frozen_masks = torch.cat([self.frozen_masks[:i], self.frozen_masks[i + 1 :]], 0)
-            self._frozen.pop(i)
-        else:
-            del self.masks[name]
-        self._order.remove(name)
-        active = None if self.active_task == name else self.active_task
-        mode = "single" if self.mode in ("superposed", "per_sample") else self.mode
-        self._state = ModeState(mode, active)
+        with self._lock:
+            self._check_known(name)
+            if name in self._frozen:
+                i = self._frozen.index(name)
+                self.frozen_masks = torch.cat([self.frozen_masks[:i], self.frozen_masks[i + 1 :]], 0)
+                self._frozen.pop(i)
+            else:
+                del self.masks[name]
+            self._order.remove(name)
+            active = None if self.active_task == name else self.active_task
+            mode = "single" if self.mode in ("superposed", "per_sample") else self.mode
+            self._state = ModeState(mode, active)
+
+    def stage_tasks(self, masks: dict[str, Tensor], frozen: Sequence[str] = (), active: str | None = None) -> Callable[[], None]:
+        """Prepare adding the tasks ``masks`` (name -> mask shaped like the weight; frozen tasks in
+        ``mask_dtype``, the others in the training dtype) without changing the layer.
+
+        Returns ``commit()``, which adds them at once: the trainable masks, then ``frozen`` (in that
+        order) in the frozen store, and selects ``active`` (default: the last new task). Staging
+        every layer of a model before committing any makes a load all-or-nothing."""
+        names, frozen, w = list(masks), list(frozen), self.weight
+        for n in names:
+            if not isinstance(n, str) or not TASK_NAME.match(n):
+                raise ValueError(f"SoftLinear.stage_tasks: task name must match [A-Za-z0-9_-]+, got {n!r}")
+        with self._lock:
+            order, old_frozen, store = list(self._order), list(self._frozen), self.frozen_masks
+        clash = [n for n in names if n in order]
+        if clash:
+            raise ValueError(f"SoftLinear.stage_tasks: tasks {clash} already exist (tasks: {order})")
+        if len(set(frozen)) != len(frozen) or not set(frozen) <= set(names):
+            raise ValueError(f"SoftLinear.stage_tasks: frozen must list new tasks ({names}) once each, got {frozen}")
+        if active is not None and active not in names + order:
+            raise ValueError(f"SoftLinear.stage_tasks: active must be None or a task, got {active!r}")
+        for n, m in masks.items():
+            want = self.mask_dtype if n in frozen else train_dtype(w.dtype)
+            if not isinstance(m, Tensor) or tuple(m.shape) != tuple(w.shape) or m.dtype != want:
+                got = (tuple(m.shape), m.dtype) if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"SoftLinear.stage_tasks: mask {n!r} must be a {want} tensor of shape {tuple(w.shape)}, got {got}")
+        params = {n: nn.Parameter(m.detach().to(w.device, copy=True)) for n, m in masks.items() if n not in frozen}
+        if frozen:
+            store = torch.cat([store, torch.stack([masks[n].detach().to(w.device) for n in frozen])], 0)
+        select = active if active is not None else (names[-1] if names else None)
+
+        def commit() -> None:
+            with self._lock:
+                if self._order != order or self._frozen != old_frozen:
+                    raise RuntimeError("SoftLinear.stage_tasks: the layer's tasks changed since staging; stage again")
+                for n, p in params.items():
+                    self.masks[n] = p
+                self.frozen_masks = store
+                self._frozen.extend(frozen)
+                self._order.extend(names)
+                if select is not None:
+                    self.set_task(select)
+
+        return commit
 
     def mask(self, name: str) -> Tensor:
         """The mask of task ``name`` (the trainable Parameter, or a row of the frozen store)."""
+        with self._lock:
+            return self._mask_of(name)
+
+    def stacked_masks(self, names: Sequence[str] | None = None) -> Tensor:
+        """Masks of ``names`` (default: all tasks) stacked into [T, out, in], in ``mask_dtype``."""
+        with self._lock:
+            refs = self._mask_refs(self.tasks if names is None else names)
+        return self._stack(refs)
+
+    # The helpers below read the task structure: callers hold the lock (or are being traced).
+    def _mask_of(self, name: str) -> Tensor:
         self._check_known(name)
         if name in self._frozen:
             return self.frozen_masks[self._frozen.index(name)]
         return self.masks[name]
 
-    def stacked_masks(self, names: Sequence[str] | None = None) -> Tensor:
-        """Masks of ``names`` (default: all tasks) stacked into [T, out, in], in ``mask_dtype``."""
-        names = self.tasks if names is None else list(names)
+    def _mask_refs(self, names: Sequence[str]) -> Tensor | list[Tensor]:
+        # The frozen store itself when ``names`` are exactly its rows, else each task's mask.
+        names = list(names)
         if not names:
             raise ValueError("SoftLinear: no tasks to stack")
-        if list(names) == self._frozen:
-            return self.frozen_masks
-        return torch.stack([self.mask(n).to(self.mask_dtype) for n in names])
+        return self.frozen_masks if names == self._frozen else [self._mask_of(n) for n in names]
+
+    def _stack(self, refs: Tensor | list[Tensor]) -> Tensor:
+        return refs if isinstance(refs, Tensor) else torch.stack([m.to(self.mask_dtype) for m in refs])
 
     # ------------------------------------------------------------------ modes
     def set_superposed(self, names: Sequence[str], alpha: Tensor) -> None:
@@ -264,12 +315,12 @@ class SoftLinear(LinearWrapper):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "disabled" or (self.mode == "single" and self.active_task is None):
+        state, mask, refs = self._snapshot()
+        if mask is None and refs is None:
             return self.base_layer(x)
-        if self.mode == "single":
-            return ops.masked_linear(x, self.weight, self.mask(self.active_task), self.bias)
-        state = self._state
-        masks = self.stacked_masks(state.mix_names)
+        if refs is None:
+            return ops.masked_linear(x, self.weight, mask, self.bias)
+        masks = self._stack(refs)
         if state.mode == "per_sample":
             ids = state.task_ids
             if x.dim() < 2 or x.shape[0] != ids.shape[0]:
@@ -279,6 +330,22 @@ class SoftLinear(LinearWrapper):
                 )
             return ops.mixed_task_linear(x, self.weight, masks, ids, self.bias)
         return superposed_linear(x, self.weight, masks, state.alpha, self.bias)
+
+    def _snapshot(self) -> tuple[ModeState, Tensor | None, Tensor | list[Tensor] | None]:
+        """(selection, mask of single-task mode, masks of a mixture), read together; the mask is
+        the :func:`use_task` task's if one is set, and both are None when the base layer runs."""
+        if torch.compiler.is_compiling():  # traced: the layer's own selection, no lock (graph break)
+            return self._select(self._state.active_task)
+        with self._lock:  # a concurrent add/freeze/delete lands wholly before or after this
+            return self._select(current_task() or self._state.active_task)
+
+    def _select(self, task: str | None) -> tuple[ModeState, Tensor | None, Tensor | list[Tensor] | None]:
+        state = self._state
+        if state.mode == "single":
+            return state, None if task is None else self._mask_of(task), None
+        if state.mode == "disabled":
+            return state, None, None
+        return state, None, self._mask_refs(state.mix_names)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:
@@ -291,12 +358,17 @@ class SoftLinear(LinearWrapper):
         }
 
     def set_extra_state(self, state: dict) -> None:
-        self._order = list(state["tasks"])
-        self._frozen = list(state["frozen"])
-        self._state = ModeState(state["mode"], state["active_task"])
-        self.mask_dtype = getattr(torch, state["mask_dtype"])
+        with self._lock:
+            self._order = list(state["tasks"])
+            self._frozen = list(state["frozen"])
+            self._state = ModeState(state["mode"], state["active_task"])
+            self.mask_dtype = getattr(torch, state["mask_dtype"])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    def _load_from_state_dict(self, *args) -> None:
+        with self._lock:  # load_state_dict is a structural change too
+            self._load_tasks_from_state_dict(*args)
+
+    def _load_tasks_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # Recreate the trainable-mask slots and the frozen store's shape so load_state_dict fills them.
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:

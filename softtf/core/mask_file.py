@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import SoftConfig
 from .files import atomic_write
-from .layer import SoftLinear, train_dtype
+from .layer import MASK_DTYPES, TASK_NAME, SoftLinear, train_dtype
 
 __all__ = ["write_mask_file", "read_mask_file", "add_tasks_from_file", "FORMAT", "VERSION"]
 
@@ -106,29 +105,55 @@ def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     if meta.get("version") != VERSION:
         raise ValueError(f"load_masks: {path!r} has format version {meta.get('version')!r}, this softtf reads {VERSION!r}")
     try:
-        cfg = json.loads(meta["config"])
-        info = {
-            "config": None if cfg is None else SoftConfig.from_dict(cfg),
-            "layers": json.loads(meta["layers"]),
-            "tasks": json.loads(meta["tasks"]),
-            "frozen": json.loads(meta["frozen"]),
-            "active_task": json.loads(meta["active_task"]),
-            "mask_dtype": json.loads(meta["mask_dtype"]),
-            "user": {k[5:]: v for k, v in meta.items() if k.startswith("user.")},
-        }
+        info = {k: json.loads(meta[k]) for k in ("config", "layers", "tasks", "frozen", "active_task", "mask_dtype")}
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"load_masks: {path!r} has corrupt metadata ({exc!r})") from exc
+    _check_metadata(info, path)
+    info["user"] = {k[5:]: v for k, v in meta.items() if k.startswith("user.")}
     return tensors, info
+
+
+def _check_metadata(info: dict, path: str) -> None:
+    """Check the type and coherence of every decoded metadata field (in place: ``config`` becomes a
+    :class:`SoftConfig`), so a load can refuse a bad file before it touches any layer."""
+
+    def bad(field: str, expected: str) -> ValueError:
+        return ValueError(f"load_masks: {path!r} metadata {field!r} must be {expected}, got {info[field]!r}")
+
+    for field, what in (("layers", "layer names"), ("tasks", "task names"), ("frozen", "task names")):
+        value = info[field]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise bad(field, f"a list of {what}")
+        twice = sorted({v for v in value if value.count(v) > 1})
+        if twice:
+            raise ValueError(f"load_masks: {path!r} metadata {field!r} lists {twice[0]!r} twice")
+    for t in info["tasks"]:
+        if not TASK_NAME.match(t):
+            raise ValueError(f"load_masks: {path!r} metadata 'tasks': task name {t!r} must match [A-Za-z0-9_-]+")
+    if not set(info["frozen"]) <= set(info["tasks"]):
+        raise ValueError(f"load_masks: {path!r} lists frozen tasks {info['frozen']} that are not among its tasks {info['tasks']}")
+    if info["active_task"] is not None and info["active_task"] not in info["tasks"]:
+        raise bad("active_task", f"null or one of its tasks {info['tasks']}")
+    names = {str(d).removeprefix("torch.") for d in MASK_DTYPES}
+    dtypes = info["mask_dtype"]
+    if not isinstance(dtypes, dict) or sorted(dtypes) != sorted(info["layers"]) or not all(v in names for v in dtypes.values()):
+        raise bad("mask_dtype", f"a dict mapping each layer to a dtype name in {sorted(names)}")
+    try:
+        info["config"] = None if info["config"] is None else SoftConfig.from_dict(info["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"load_masks: {path!r} metadata 'config' is not a SoftConfig ({exc})") from exc
 
 
 def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None, path: str | os.PathLike) -> dict[str, Tensor]:
     """Add the tasks stored in ``path`` to ``layers`` (same layers, shapes and mask dtypes).
 
-    Every check runs before the model is touched: the file's layers must be exactly the model's
-    masked layers, no stored task may already exist in the model, every mask must have its
-    layer's weight shape and the dtype it was saved with (frozen: the layer's ``mask_dtype``;
-    trainable: the layer's training dtype). Frozen tasks are frozen again in the saved order;
-    the saved active task is selected. Returns the extra tensors (keys without ``"extra::"``).
+    All or nothing: every check runs before the model is touched (the metadata's fields and
+    types; the file's layers must be exactly the model's masked layers, no stored task may
+    already exist in the model, every mask must have its layer's weight shape and the dtype it
+    was saved with: frozen, the layer's ``mask_dtype``; trainable, the layer's training dtype),
+    then every layer's new state is built, and only then committed to all layers. Frozen tasks
+    are frozen again in the saved order; the saved active task (else the last loaded task) is
+    selected. Returns the extra tensors (keys without ``"extra::"``).
     """
     tensors, info = read_mask_file(path)
     path = os.fspath(path)
@@ -145,8 +170,6 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
     clash = [t for t in tasks if t in existing]
     if clash:
         raise ValueError(f"load_masks: tasks {clash} from {path!r} already exist in the model (tasks: {existing}); delete them first")
-    if not set(frozen) <= set(tasks):
-        raise ValueError(f"load_masks: {path!r} lists frozen tasks {frozen} that are not among its tasks {tasks}")
     for lname, layer in layers.items():
         w = layer.weight
         trainable_dtype = train_dtype(w.dtype)
@@ -170,16 +193,12 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
     if stray:
         raise ValueError(f"load_masks: {path!r} has tensors that are neither masks nor extras: {stray[:6]}")
 
-    for lname, layer in layers.items():
-        for t in tasks:
-            layer.add_task(t)
-            with torch.no_grad():
-                layer.masks[t].copy_(tensors[f"{lname}{_SEP}{t}"].to(layer.masks[t].device))
-        for t in frozen:
-            layer.freeze_task(t)
-        active = info["active_task"]
-        if active is not None and active in layer.tasks:
-            layer.set_task(active)
+    commits = [  # build every layer's new state first: a failure here leaves the model as it was
+        layer.stage_tasks({t: tensors[f"{lname}{_SEP}{t}"] for t in tasks}, frozen, info["active_task"])
+        for lname, layer in layers.items()
+    ]
+    for commit in commits:
+        commit()
     return {k[len("extra" + _SEP):]: v for k, v in tensors.items() if k.startswith("extra" + _SEP)}
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SoftConfig, resolve_config
-from .layer import MaskSwitch, SoftLinear, soft_layers
+from .layer import MaskSwitch, SoftLinear, soft_layers, use_task
 from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
 
 __all__ = ["SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model", "layers_of"]
@@ -159,6 +159,14 @@ class SoftModel(nn.Module):
         self._check_task(name, "delete_task")
         for layer in self._layers():
             layer.delete_task(name)
+
+    def use_task(self, name: str):
+        """``with model.use_task("t0"): y = model(x)``: task ``t0`` for the calls made in this
+        thread or asyncio task only (a context variable; see :func:`softtf.use_task`), whatever
+        task is selected: the way to serve several tasks concurrently from one model."""
+        self._check_live()
+        self._check_task(name, "use_task")
+        return use_task(name)
 
     def _check_task(self, name: str, where: str) -> None:
         if name not in self.tasks:

@@ -74,12 +74,22 @@ def entropy(logits: Tensor, topk: int | None = None) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _scores(model, layers, forward_fn, inputs, tasks, alpha, topk) -> Tensor:
+def _scores(model, layers, forward_fn, inputs, tasks, alpha, topk, rows: Sequence[int]) -> Tensor:
+    """∂H/∂α for ``inputs`` (samples ``rows`` of the caller's batch); refuses non-finite ones."""
     for layer in layers:
         layer.set_superposed(tasks, alpha)
     with torch.enable_grad():
-        h = entropy(_logits(forward_fn(inputs)), topk).sum()
-        (g,) = torch.autograd.grad(h, alpha)
+        h = entropy(_logits(forward_fn(inputs)), topk)
+        (g,) = torch.autograd.grad(h.sum(), alpha)
+    finite = torch.isfinite(h.detach())
+    if g.dim() == 2 or bool(finite.all()):  # one α for the batch: a NaN sample spoils every score
+        finite = finite & torch.isfinite(g).all(-1).expand_as(finite)
+    if not bool(finite.all()):
+        bad = [int(rows[i]) for i in (~finite).nonzero().flatten().tolist()]
+        raise ValueError(
+            f"gradient_id: scores of samples {bad} are not finite (NaN/Inf in the inputs or the model); "
+            "task inference needs finite inputs"
+        )
     return g.detach()
 
 
@@ -103,6 +113,11 @@ def gradient_id(
       ``"binary-sample"`` the binary search per sample (samples grouped by surviving task set).
     topk: entropy over the top-k logits (the paper uses C/T); None = all logits.
     Only learned (frozen) tasks are candidates. The model's modes are restored afterwards.
+
+    Non-finite input is refused, not guessed: if the entropy or the scores of a sample are NaN/Inf
+    (NaN/Inf in the inputs or the model), ``ValueError`` names the samples (for ``"batch"`` and
+    ``"binary"`` only the k-shot samples are scored, so only those can be named). An empty batch
+    gives an empty result (scores [0, T], task_index [0]).
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -113,15 +128,17 @@ def gradient_id(
     forward_fn = model if forward_fn is None else forward_fn
     n, t = batch_size(inputs), len(tasks)
     dev = layers[0].weight.device
+    if n == 0:
+        return GradientIDResult(torch.zeros(0, t, device=dev), torch.zeros(0, dtype=torch.long, device=dev), tasks)
     with preserve_modes(layers):
         if rule == "sample":
             alpha = torch.full((n, t), 1.0 / t, device=dev, requires_grad=True)
-            scores = _scores(model, layers, forward_fn, inputs, tasks, alpha, topk)
+            scores = _scores(model, layers, forward_fn, inputs, tasks, alpha, topk, range(n))
             return GradientIDResult(scores, scores.argmin(1), tasks)
         if rule == "batch":
             shot = take_rows(inputs, torch.arange(min(k_shot, n), device=device_of(inputs)))
             alpha = torch.full((t,), 1.0 / t, device=dev, requires_grad=True)
-            g = _scores(model, layers, forward_fn, shot, tasks, alpha, topk)
+            g = _scores(model, layers, forward_fn, shot, tasks, alpha, topk, range(min(k_shot, n)))
             return GradientIDResult(g.expand(n, t).clone(), g.argmin().expand(n).clone(), tasks)
         if rule == "binary":
             shot = take_rows(inputs, torch.arange(min(k_shot, n), device=device_of(inputs)))
@@ -151,7 +168,7 @@ def _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample: bool):
             sel = torch.tensor(members) if per_sample else torch.arange(n)
             sub = take_rows(inputs, sel.to(device_of(inputs)))
             alpha = alpha_row.to(dev).expand(len(sel), t).clone().requires_grad_(True)
-            g = _scores(model, layers, forward_fn, sub, tasks, alpha, topk).cpu()
+            g = _scores(model, layers, forward_fn, sub, tasks, alpha, topk, sel.tolist()).cpu()
             g = g.masked_fill(~keep, float("inf"))
             if not per_sample:
                 g = g.sum(0, keepdim=True).expand(len(sel), t)

@@ -126,8 +126,19 @@ class PromptID(nn.Module):
         return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).T
 
     def predict(self, q: Tensor, tasks: Sequence[str] | None = None) -> Tensor:
-        """``argmax_t cos(q, k_t)`` -> [B] long indices into ``tasks`` (default: all keys)."""
-        return self.similarity(q, tasks).argmax(dim=-1)
+        """``argmax_t cos(q, k_t)`` -> [B] long indices into ``tasks`` (default: all keys).
+
+        A sample whose similarities are not finite (NaN/Inf in its query: in the inputs or the
+        model) is refused with ``ValueError`` naming the samples, rather than given task 0."""
+        sim = self.similarity(q, tasks)
+        finite = torch.isfinite(sim).all(dim=-1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"PromptID.predict: similarities of samples {bad} are not finite (NaN/Inf in the query "
+                "features: the inputs or the model); task inference needs finite inputs"
+            )
+        return sim.argmax(dim=-1)
 
     def _check_q(self, q: Tensor, where: str) -> None:
         if not isinstance(q, Tensor) or q.ndim != 2 or q.shape[1] != self.dim:

@@ -1,0 +1,249 @@
+"""Serving a shared model (issue 11, user wing): the task chosen per call with ``use_task`` from
+many threads, structural changes while other threads run forward, non-finite inputs to task
+inference, an empty batch."""
+import asyncio
+import copy
+import pickle
+import re
+import sys
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import softtf
+from softtf import PromptID, SoftLinear, gradient_id, use_task
+
+ROUNDS = 300
+
+
+@pytest.fixture
+def fast_switching():
+    # Let the interpreter switch threads as often as it can, so the interleavings are many.
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def _layer(tasks, frozen=()):
+    torch.manual_seed(0)
+    layer = SoftLinear(nn.Linear(16, 8))
+    for i, name in enumerate(tasks):
+        layer.add_task(name, init=("uniform", 0.0, 2.0), generator=torch.Generator().manual_seed(i))
+        if name in frozen:
+            layer.freeze_task(name)
+    return layer
+
+
+def _run_threads(*targets):
+    errors = []
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=guarded(fn)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def _close(a, b):
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_use_task_picks_the_task_per_thread_on_one_shared_layer(fast_switching):
+    names = ["t0", "t1", "t2", "t3"]
+    layer = _layer(names, frozen=("t0", "t2"))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = {}
+        for n in names:
+            layer.set_task(n)
+            expected[n] = layer(x)
+    assert all(not _close(expected[a], expected[b]) for a in names for b in names if a != b)
+    wrong = []
+
+    def serve(name):
+        def run():
+            for _ in range(ROUNDS):
+                with torch.no_grad(), use_task(name):
+                    y = layer(x)
+                if not _close(y, expected[name]):
+                    wrong.append(name)
+        return run
+
+    def meddle():  # the shared selection moves all the time; use_task must not care
+        for i in range(ROUNDS):
+            layer.set_task(names[i % 4])
+
+    _run_threads(*(serve(n) for n in names), meddle)
+    assert wrong == []
+
+
+def test_use_task_is_scoped_nested_and_per_asyncio_task():
+    layer = _layer(["a", "b"])
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        layer.set_task("a")
+        out_a = layer(x)
+        layer.set_task("b")
+        out_b = layer(x)
+        with use_task("a"):
+            assert softtf.core.current_task() == "a" and torch.equal(layer(x), out_a)
+            with use_task("b"):
+                assert torch.equal(layer(x), out_b)
+            assert torch.equal(layer(x), out_a)
+            with layer.masks_disabled():  # a mode set on the layer wins inside its own call
+                assert torch.equal(layer(x), layer.base_layer(x))
+        assert softtf.core.current_task() is None and torch.equal(layer(x), out_b)
+        assert layer.active_task == "b"  # use_task never touched the layer
+
+    async def serve(name, expected):
+        with use_task(name):
+            await asyncio.sleep(0)  # the other coroutine runs in between with its own task
+            with torch.no_grad():
+                return torch.equal(layer(x), expected)
+
+    async def both():
+        return await asyncio.gather(serve("a", out_a), serve("b", out_b))
+
+    assert asyncio.run(both()) == [True, True]
+    with pytest.raises(ValueError, match=r"use_task: name must be a task name matching \[A-Za-z0-9_-\]\+, got 3"):
+        with use_task(3):
+            pass
+    with pytest.raises(KeyError, match="unknown task 'zzz'"):
+        with use_task("zzz"):
+            layer(x)
+
+
+def test_model_use_task_checks_the_name():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = softtf.wrap(VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=4))
+    for name in ("a", "b"):
+        model.add_task(name, init=("uniform", 0.5, 1.5), seed=len(name) + ord(name))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model.set_task("a")
+        out_a = model(x)
+        model.set_task("b")
+        with model.use_task("a"):
+            assert torch.equal(model(x), out_a)
+    with pytest.raises(KeyError, match=r"SoftModel.use_task: unknown task 'c'"):
+        model.use_task("c")
+
+
+def test_add_freeze_delete_while_another_thread_runs_forward(fast_switching):
+    layer = _layer(["keep"], frozen=("keep",))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        keep = layer(x)
+        base = layer.base_layer(x)
+    init = ("uniform", 0.0, 2.0)
+    with torch.no_grad():
+        layer.add_task("t", init=init, generator=torch.Generator().manual_seed(7))
+        out_t = layer(x)
+        layer.delete_task("t")
+    valid, wrong = [base, out_t], []
+    done = threading.Event()
+
+    def change():
+        try:
+            for _ in range(ROUNDS):
+                layer.add_task("t", init=init, generator=torch.Generator().manual_seed(7))
+                layer.freeze_task("t")
+                layer.delete_task("t")
+        finally:
+            done.set()
+
+    def plain():
+        while not done.is_set():
+            with torch.no_grad():
+                y = layer(x)
+            if not any(_close(y, v) for v in valid):
+                wrong.append("plain")
+
+    def served():
+        while not done.is_set():
+            with torch.no_grad(), use_task("keep"):
+                y = layer(x)
+            if not _close(y, keep):
+                wrong.append("keep")
+
+    _run_threads(change, plain, served)
+    assert wrong == []
+    assert layer.tasks == ["keep"] and layer.frozen_masks.shape[0] == 1
+
+
+def test_layer_with_its_lock_still_copies_and_pickles():
+    layer = _layer(["a"])
+    x = torch.randn(2, 16)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(twin(x), layer(x))
+        twin.add_task("b")  # its own, working lock
+        assert layer.tasks == ["a"]
+
+
+# ---------------------------------------------------------------- non-finite inputs, empty batch
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = SoftLinear(nn.Linear(6, 12))
+        self.fc2 = SoftLinear(nn.Linear(12, 5))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _toy_with_tasks(n=3):
+    model = _Toy()
+    for t in range(n):
+        for layer in (model.fc1, model.fc2):
+            layer.add_task(f"t{t}", init=("uniform", 0.0, 2.0), generator=torch.Generator().manual_seed(t))
+            layer.freeze_task(f"t{t}")
+    return model
+
+
+@pytest.mark.parametrize("rule", ["sample", "batch", "binary", "binary-sample"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_gradient_id_refuses_non_finite_samples(rule, bad):
+    model = _toy_with_tasks()
+    x = torch.randn(9, 6)
+    x[3, 1] = bad
+    x[7, 0] = bad
+    named = "[3]" if rule in ("batch", "binary") else "[3, 7]"  # the k-shot rules score samples 0..6
+    with pytest.raises(ValueError, match=rf"gradient_id: scores of samples {re.escape(named)} are not finite \(NaN/Inf in the inputs or the model\); task inference needs finite inputs"):
+        gradient_id(model, x, rule=rule, k_shot=7)
+    assert model.fc1.mode == "single"  # modes restored on the way out
+    assert gradient_id(model, x[[0, 1, 2, 4]], rule=rule).task_index.shape == (4,)
+
+
+@pytest.mark.parametrize("rule", ["sample", "batch", "binary", "binary-sample"])
+def test_gradient_id_on_an_empty_batch_returns_an_empty_result(rule):
+    model = _toy_with_tasks()
+    res = gradient_id(model, torch.zeros(0, 6), rule=rule)
+    assert res.scores.shape == (0, 3) and res.task_index.shape == (0,) and res.task_index.dtype == torch.long
+    assert res.task_names == [] and res.tasks == ["t0", "t1", "t2"]
+
+
+def test_prompt_id_refuses_non_finite_queries():
+    pid = PromptID(dim=4)
+    for t in ("a", "b"):
+        pid.add_key(t, generator=torch.Generator().manual_seed(len(t)))
+    q = torch.randn(5, 4)
+    q[1, 2] = float("nan")
+    q[4, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"PromptID.predict: similarities of samples \[1, 4\] are not finite \(NaN/Inf in the query features: the inputs or the model\); task inference needs finite inputs"):
+        pid.predict(q)
+    assert pid.predict(q[[0, 2, 3]]).shape == (3,)
