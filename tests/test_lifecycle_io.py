@@ -289,3 +289,129 @@ def test_prompt_id_errors():
         pid.query(nn.Identity(), torch.randn(2, 3), feature_fn=lambda m, x: m(x))
     with pytest.raises(TypeError, match="has no forward_features"):
         cls_feature(nn.Identity(), torch.randn(2, 4))
+
+
+# ---------------------------------------------------------------------------------------- load is all-or-nothing
+def _snapshot(soft):
+    state = {k: v.clone() for k, v in soft.state_dict().items() if isinstance(v, torch.Tensor)}
+    layers = {n: (l.tasks, l.frozen_tasks, l.mode_state(), {t: p.requires_grad for t, p in l.masks.items()})
+              for n, l in soft.soft_layers.items()}
+    return state, layers
+
+
+def _assert_unchanged(soft, before):
+    state, layers = _snapshot(soft)
+    assert layers == before[1]
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[k], before[0][k]) for k in state)
+
+
+def _saved_with(tmp_path, name, tensors_and_meta, **meta_changes):
+    from safetensors.torch import save_file
+
+    tensors, meta = tensors_and_meta
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata=dict(meta, **meta_changes))
+    return path
+
+
+def _saved_file(tmp_path):
+    from safetensors import safe_open
+
+    soft = wrap(tiny_vit(), SoftConfig(mask_dtype=torch.bfloat16))
+    soft.add_task("a")
+    soft.freeze_task("a")
+    soft.add_task("b")
+    path = tmp_path / "good.safetensors"
+    soft.save_masks(path)
+    with safe_open(str(path), framework="pt") as fh:
+        return read_mask_file(path)[0], fh.metadata()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("tasks", "5", r"metadata 'tasks' must be a list of task names, got 5"),
+    ("tasks", '["a", "b", "a"]', r"metadata 'tasks' lists 'a' twice"),
+    ("tasks", '["a", "b", "c d"]', r"metadata 'tasks': task name 'c d' must match \[A-Za-z0-9_-\]\+"),
+    ("frozen", '["a", "a"]', r"metadata 'frozen' lists 'a' twice"),
+    ("frozen", '"a"', r"metadata 'frozen' must be a list of task names, got 'a'"),
+    ("active_task", '"zzz"', r"metadata 'active_task' must be null or one of its tasks \['a', 'b'\], got 'zzz'"),
+    ("active_task", "3", r"metadata 'active_task' must be null or one of its tasks \['a', 'b'\], got 3"),
+    ("layers", '"blocks.0.attn.qkv"', r"metadata 'layers' must be a list of layer names"),
+    ("layers", "[1, 2]", r"metadata 'layers' must be a list of layer names"),
+    ("mask_dtype", "[1]", r"metadata 'mask_dtype' must be a dict mapping each layer to a dtype name"),
+    ("mask_dtype", '{"blocks.0.attn.qkv": "int8"}', r"metadata 'mask_dtype' must be a dict mapping each layer to a dtype name"),
+    ("config", '{"layers": "x"}', r"metadata 'config' is not a SoftConfig"),
+])
+def test_load_validates_every_metadata_field_before_touching_the_model(tmp_path, field, value, match):
+    saved = _saved_file(tmp_path)
+    tensors, meta = saved
+    if field == "tasks" and "c d" in value:  # give the bad name its masks so only the name is wrong
+        tensors = dict(tensors, **{k.replace("::b", "::c d"): v.clone() for k, v in tensors.items() if k.endswith("::b")})
+    path = _saved_with(tmp_path, "bad", (tensors, meta), **{field: value})
+    soft = wrap(tiny_vit(), SoftConfig(mask_dtype=torch.bfloat16))
+    soft.add_task("x")
+    soft.freeze_task("x")
+    soft.add_task("y")
+    before = _snapshot(soft)
+    with pytest.raises(ValueError, match=match) as exc:
+        load_masks(soft, path)
+    assert "bad.safetensors" in str(exc.value)
+    _assert_unchanged(soft, before)
+    soft.save_masks(tmp_path / "after.safetensors")  # the layers still agree
+    load_masks(soft, tmp_path / "good.safetensors")  # and the good file still loads
+    assert soft.tasks == ["x", "y", "a", "b"] and soft.frozen_tasks == ["x", "a"] and soft.active_task == "b"
+
+
+def test_load_failing_in_a_later_layer_leaves_every_layer_as_it_was(tmp_path, monkeypatch):
+    from softtf.core.layer import SoftLinear
+
+    _saved_file(tmp_path)
+    soft = wrap(tiny_vit(), SoftConfig(mask_dtype=torch.bfloat16))
+    soft.add_task("x")
+    before = _snapshot(soft)
+    real, calls = SoftLinear.stage_tasks, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SoftLinear, "stage_tasks", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_masks(soft, tmp_path / "good.safetensors")
+    _assert_unchanged(soft, before)
+    monkeypatch.undo()
+    load_masks(soft, tmp_path / "good.safetensors")
+    assert soft.tasks == ["x", "a", "b"] and soft.active_task == "b"
+
+
+def test_atomic_write_fsyncs_the_file_and_then_its_directory(tmp_path, monkeypatch):
+    import stat
+
+    from softtf.core.files import atomic_write
+
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        st = os.fstat(fd)
+        synced.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = tmp_path / "out.bin"
+    atomic_write(path, lambda tmp: open(tmp, "wb").close())
+    assert synced == [("file", path.stat().st_ino), ("dir", tmp_path.stat().st_ino)]
+
+    def refusing_fsync(fd):  # some platforms / file systems cannot fsync a directory
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    def write_new(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(b"new")
+
+    monkeypatch.setattr(os, "fsync", refusing_fsync)
+    atomic_write(path, write_new)
+    assert path.read_bytes() == b"new"

@@ -199,6 +199,8 @@ def test_layer_index():
         ({"mask_init": "zeros"}, ValueError, "mask_init must be 'ones' or"),
         ({"mask_init": ("uniform", 1.0, 0.5)}, ValueError, "low <= high"),
         ({"mask_init": ("uniform", "a", 1)}, ValueError, "bounds must be numbers"),
+        ({"mask_init": ("uniform", float("-inf"), float("inf"))}, ValueError, r"mask_init uniform bounds must be finite, got \(-inf, inf\)"),
+        ({"mask_init": ("uniform", 0.5, float("nan"))}, ValueError, "low <= high"),
         ({"mask_dtype": "int8"}, ValueError, "mask_dtype must be"),
         ({"mask_dtype": torch.int32}, ValueError, "mask_dtype must be one of"),
         ({"modules_to_save": [""]}, TypeError, "modules_to_save must be"),
@@ -226,6 +228,8 @@ def test_config_round_trip_and_unknown_fields():
         (SoftConfig(target_modules=["attn"]), TypeError, "target module 'blocks.0.attn' is a Attention, expected nn.Linear"),
         (SoftConfig(layers=[7]), ValueError, r"layers contains 7, but the matched modules have layer indices \[0, 1, 2, 3\]"),
         (SoftConfig(layers=[-5]), ValueError, "layers contains -5"),
+        (SoftConfig(layers=[-1, 3]), ValueError, r"layers=\[-1, 3\] names block 3 twice \(as -1 and as 3\)"),
+        (SoftConfig(layers=[0, -4, 2]), ValueError, r"layers=\[0, -4, 2\] names block 0 twice \(as 0 and as -4\)"),
         (SoftConfig(target_modules=["head"], layers=[0]), ValueError, "have no layer index"),
         (SoftConfig(modules_to_save=["classifier"]), ValueError, "modules_to_save entry 'classifier' names no module"),
         (SoftConfig(target_modules=["head"], modules_to_save=["head"]), ValueError, "is also a masked target module"),
@@ -255,3 +259,16 @@ def test_wrapped_layers_are_softlinear_with_mask_dtype():
     soft = wrap(tiny_vit(), SoftConfig(mask_dtype=torch.bfloat16))
     assert all(isinstance(l, SoftLinear) and l.mask_dtype == torch.bfloat16 for l in soft.soft_layers.values())
     assert isinstance(soft, SoftModel)
+
+
+def test_uniform_init_with_infinite_or_out_of_range_bounds_is_ours_to_refuse():
+    from softtf.core.layer import init_mask
+
+    with pytest.raises(ValueError, match=r"init: uniform bounds must be finite numbers within torch.float32's range, got \(-inf, inf\)"):
+        init_mask((2, 2), ("uniform", float("-inf"), float("inf")), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"within torch.float16's range, got \(0.0, 70000.0\)"):
+        init_mask((2, 2), ("uniform", 0.0, 7e4), torch.float16, "cpu")
+    layer = SoftLinear(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="must be finite"):
+        layer.add_task("a", init=("uniform", 0.0, float("inf")))
+    assert layer.tasks == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -71,6 +72,8 @@ def _check_mask_init(init: Any) -> Any:
             raise ValueError(f"SoftConfig: mask_init uniform bounds must be numbers, got {init!r}") from None
         if not low <= high:
             raise ValueError(f"SoftConfig: mask_init uniform bounds must satisfy low <= high, got ({low}, {high})")
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"SoftConfig: mask_init uniform bounds must be finite, got ({low}, {high})")
         return ("uniform", low, high)
     raise ValueError(f"SoftConfig: mask_init must be 'ones' or ('uniform', low, high), got {init!r}")
 
@@ -235,12 +238,14 @@ def resolve_config(model: nn.Module, config: SoftConfig | None = None) -> tuple[
     if layers is not None:
         if not present:
             raise ValueError(f"wrap: layers={layers} given but the matched modules have no layer index: {matched[:4]}")
-        resolved = []
+        resolved: dict[int, int] = {}  # block -> the entry of layers that named it
         for i in layers:
             j = present[i] if i < 0 and -len(present) <= i else i
             if j not in present:
                 raise ValueError(f"wrap: layers contains {i}, but the matched modules have layer indices {present}")
-            resolved.append(j)
+            if j in resolved:
+                raise ValueError(f"wrap: layers={list(layers)} names block {j} twice (as {resolved[j]} and as {i})")
+            resolved[j] = i
         layers = sorted(resolved)
         matched = [n for n in matched if layer_index(n) in layers]
     for h in to_save:

@@ -15,7 +15,8 @@ __all__ = ["atomic_write", "write_json", "save_tensors", "load_tensors", "restor
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it."""
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, ``os.replace`` it over
+    ``path``, then fsync the directory so the rename itself survives a crash."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -31,8 +32,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_directory(directory)
 
 
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory: the replace stands, unsynced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some platforms and file systems refuse to fsync a directory (EINVAL)
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -42,11 +55,15 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: 
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file; a truncated or foreign file is a ValueError naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_tensors: no file at {path!r}")
-    with safe_open(path, framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}
+    try:
+        with safe_open(path, framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"load_tensors: {path!r} is not a readable safetensors file ({exc})") from exc
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
