@@ -13,10 +13,15 @@ Models: ``--model vit`` without ``--pretrained`` builds a random-init timm Visio
 weights when nothing can be downloaded; saved in the output directory so a resumed run reuses
 it). ``--pretrained PATH`` loads local weights: for ViT a timm model name via ``--vit-arch``
 plus a ``.safetensors``/``.pth`` state dict; for BERT an HF model directory.
+
+Misuse (bad flags, an ``--output`` that cannot be a directory, an unusable ``--device``, a missing
+optional package, a corrupt file in the run directory or given as weights) is reported on one
+line on stderr with exit status 2, before any work where it can be known before.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -29,7 +34,11 @@ from .cl import TASK_ID_MODES, RunConfig, load_data, pretrain, run_continual
 from .core import SoftConfig, load_tensors, save_tensors
 from .methods import method_names
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CliError"]
+
+
+class CliError(Exception):
+    """A misuse of ``softtf train``: :func:`main` prints it on one line and exits with status 2."""
 
 
 def _number(parse, ok, expected: str):
@@ -90,30 +99,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Optional packages (the ``models`` extra) a run needs: (module, what needs it, does this run need it).
+_OPTIONAL = (
+    ("matplotlib", "the plots of softtf train", lambda a: True),
+    ("timm", "--model vit", lambda a: a.model == "vit"),
+    ("transformers", "--model bert", lambda a: a.model == "bert"),
+    ("peft", "--method lora", lambda a: a.method == "lora"),
+    ("sklearn", "--data digits", lambda a: a.data == "digits"),
+    ("PIL", "--data folder:PATH", lambda a: a.data.startswith("folder:")),
+)
+
+
+def _check_optional_packages(args) -> None:
+    missing = [f"{mod} (for {why})" for mod, why, needed in _OPTIONAL if needed(args) and importlib.util.find_spec(mod) is None]
+    if missing:
+        raise CliError(f"missing optional packages: {', '.join(missing)}; install them with: pip install 'softtf[models]'")
+
+
+def _prepare_output(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"--output {path!r} is a file; expected a run directory (created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--output {path!r}: cannot create the run directory ({exc.strerror or exc})") from None
+
+
+def _load_weights(path: str, what: str) -> dict:
+    """A state dict from a ``.safetensors`` or torch file, or a CliError naming ``what`` and the file."""
+    try:
+        if path.endswith(".safetensors"):
+            return load_tensors(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file makes torch.load raise nearly any type (IndexError, EOFError, ...)
+        raise CliError(f"{what} {path!r} is not a readable weights file ({type(exc).__name__}: {exc})") from None
+
+
 def _build_vit(args, out_dir: str, data):
     if args.pretrained:
         import timm  # optional heavy dependency: only ViT runs need it
 
         if not args.vit_arch:
-            raise SystemExit("softtf train: --pretrained with --model vit needs --vit-arch (the timm model name)")
+            raise CliError("--pretrained with --model vit needs --vit-arch (the timm model name)")
         if not os.path.isfile(args.pretrained):
-            raise SystemExit(f"softtf train: --pretrained {args.pretrained!r} is not a file")
+            raise CliError(f"--pretrained {args.pretrained!r} is not a file")
         model = timm.create_model(args.vit_arch, pretrained=False, num_classes=0, img_size=args.img_size)
-        if args.pretrained.endswith(".safetensors"):
-            state = load_tensors(args.pretrained)
-        else:
-            state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+        state = _load_weights(args.pretrained, "--pretrained")
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise SystemExit(f"softtf train: --pretrained weights do not fit {args.vit_arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CliError(f"--pretrained weights do not fit {args.vit_arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
     from timm.models.vision_transformer import VisionTransformer  # optional, as above
 
     if args.img_size % args.patch_size:
-        raise SystemExit(f"softtf train: --img-size {args.img_size} must be divisible by --patch-size {args.patch_size}")
+        raise CliError(f"--img-size {args.img_size} must be divisible by --patch-size {args.patch_size}")
     if args.embed_dim % args.heads:
-        raise SystemExit(f"softtf train: --embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
+        raise CliError(f"--embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
     torch.manual_seed(args.seed)
     model = VisionTransformer(
         img_size=args.img_size, patch_size=args.patch_size, num_classes=0,
@@ -122,7 +164,16 @@ def _build_vit(args, out_dir: str, data):
     if args.pretrain_epochs:
         path = os.path.join(out_dir, "pretrained_backbone.safetensors")
         if os.path.isfile(path):
-            model.load_state_dict(load_tensors(path))
+            advice = "; delete it to pretrain again"
+            try:
+                state = load_tensors(path)
+            except ValueError as exc:
+                raise CliError(f"{exc}{advice}") from None
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise CliError(f"{path!r} does not fit the backbone these flags build ({first}){advice}") from None
         else:
             pretrain(model, data.train, data.num_classes, epochs=args.pretrain_epochs, seed=args.seed,
                      device=args.device, progress=not args.no_progress)
@@ -133,35 +184,39 @@ def _build_vit(args, out_dir: str, data):
 
 def _train(args) -> int:
     if args.model == "bert" and not args.data.startswith("csv:"):
-        raise SystemExit(f"softtf train: --model bert needs text data (--data csv:PATH), got {args.data!r}")
+        raise CliError(f"--model bert needs text data (--data csv:PATH), got {args.data!r}")
     if args.model == "vit" and args.data.startswith("csv:"):
-        raise SystemExit("softtf train: --model vit needs image data (digits, cifar100:PATH, folder:PATH)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.output, exist_ok=True)
-    tokenizer = model = None
-    if args.model == "bert":
-        if not args.pretrained:
-            raise SystemExit("softtf train: --model bert needs --pretrained DIR (a local HF BERT directory)")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer, BertModel  # optional heavy dependency: BERT runs only
-
-        if not os.path.isdir(args.pretrained):
-            raise SystemExit(f"softtf train: --pretrained {args.pretrained!r} is not a directory")
-        tokenizer = AutoTokenizer.from_pretrained(args.pretrained)
-        model = BertModel.from_pretrained(args.pretrained, add_pooling_layer=False)
-    data = load_data(args.data, img_size=args.img_size, tokenizer=tokenizer, seed=args.seed, max_length=args.max_length)
-    if args.model == "vit":
-        model = _build_vit(args, args.output, data)
+        raise CliError("--model vit needs image data (digits, cifar100:PATH, folder:PATH)")
+    _check_optional_packages(args)
     soft_config = None
     if args.layers is not None or args.target_modules is not None:
         soft_config = SoftConfig(target_modules=args.target_modules, layers=args.layers).to_dict()
-    cfg = RunConfig(
+    cfg = RunConfig(  # checks the flags it holds (--device included) before any work
         method=args.method, n_tasks=args.tasks, task_id=args.task_id, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, k_shot=args.k_shot, lora_r=args.lora_r,
         adapter_bottleneck=args.adapter_bottleneck,
         soft_config=soft_config, device=args.device, progress=not args.no_progress,
     )
+    _prepare_output(args.output)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = model = None
+    if args.model == "bert":
+        if not args.pretrained:
+            raise CliError("--model bert needs --pretrained DIR (a local HF BERT directory)")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer, BertModel  # optional heavy dependency: BERT runs only
+
+        if not os.path.isdir(args.pretrained):
+            raise CliError(f"--pretrained {args.pretrained!r} is not a directory")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.pretrained)
+            model = BertModel.from_pretrained(args.pretrained, add_pooling_layer=False)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--pretrained {args.pretrained!r} is not a readable HF BERT directory ({exc})") from None
+    data = load_data(args.data, img_size=args.img_size, tokenizer=tokenizer, seed=args.seed, max_length=args.max_length)
+    if args.model == "vit":
+        model = _build_vit(args, args.output, data)
     torch.manual_seed(args.seed)
     res = run_continual(model, data, cfg, output_dir=args.output, extra_info={"cli": {"model": args.model, "data": args.data}})
     summary = {k: res[k] for k in ("method", "task_id_mode", "acc", "forgetting", "bwt", "task_id_accuracy")}
@@ -177,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         try:
             return _train(args)
-        except (ValueError, FileNotFoundError, TypeError) as exc:
-            parser.exit(2, f"softtf train: error: {exc}\n")
+        except (CliError, ValueError, FileNotFoundError, TypeError) as exc:
+            message = " ".join(str(exc).split())  # one line, whatever the exception held
+            parser.exit(2, f"softtf train: error: {message}\n")
     if args.command == "bench":
         return bench.run(bench.config_from_args(args))
     parser.error(f"unknown command {args.command!r}")

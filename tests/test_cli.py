@@ -1,5 +1,6 @@
 """The softtf command line: argument errors, a tiny train run on digits, the bench subcommand."""
 import json
+import sys
 
 import pytest
 import torch
@@ -50,17 +51,6 @@ def test_config_errors_exit_with_message(tmp_path, capsys, extra, match):
         main(base_args(tmp_path, "--epochs", "0", "--depth", "2", "--img-size", "16", "--patch-size", "4", *extra))
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
-
-
-def test_model_data_mismatch_errors(tmp_path):
-    with pytest.raises(SystemExit, match="--model bert needs text data"):
-        main(["train", "--model", "bert", "--data", "digits", "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--model vit needs image data"):
-        main(["train", "--model", "vit", "--data", "csv:x.csv", "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="must be divisible by --patch-size 5"):
-        main(base_args(tmp_path, "--patch-size", "5"))
-    with pytest.raises(SystemExit, match="--pretrained with --model vit needs --vit-arch"):
-        main(base_args(tmp_path, "--pretrained", "w.pt"))
 
 
 def test_train_digits_writes_results_and_plots(tmp_path, capsys):
@@ -119,11 +109,86 @@ def test_no_command_is_an_error(capsys):
     assert exc.value.code == 2
 
 
-def test_pretrained_vit_weights_errors(tmp_path):
+def test_pretrained_vit_weights_errors(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    with pytest.raises(SystemExit, match="--pretrained .*missing.pt' is not a file"):
-        main(base_args(tmp_path, "--pretrained", str(tmp_path / "missing.pt"), "--vit-arch", "vit_tiny_patch16_224"))
+    _fails(base_args(tmp_path, "--pretrained", str(tmp_path / "missing.pt"), "--vit-arch", "vit_tiny_patch16_224"),
+           capsys, "missing.pt' is not a file")
     save_file({"foo": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
-    with pytest.raises(SystemExit, match=r"weights do not fit vit_tiny_patch16_224: missing \['cls_token'"):
-        main(base_args(tmp_path, "--pretrained", str(tmp_path / "w.safetensors"), "--vit-arch", "vit_tiny_patch16_224"))
+    _fails(base_args(tmp_path, "--pretrained", str(tmp_path / "w.safetensors"), "--vit-arch", "vit_tiny_patch16_224"),
+           capsys, "weights do not fit vit_tiny_patch16_224: missing ['cls_token'")
+
+
+# ---------------------------------------------------------------- misuse: one line on stderr, exit status 2
+def _fails(argv, capsys, *needles):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.startswith("softtf train: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+TINY = ["--epochs", "0", "--tasks", "2", "--img-size", "8", "--patch-size", "4", "--depth", "1", "--embed-dim", "16",
+        "--heads", "2", "--task-id", "oracle"]
+
+
+def test_bad_output_and_device_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for output in (blocker, blocker / "run"):
+        _fails(["train", "--model", "vit", "--data", "digits", "--output", str(output), *TINY], capsys, f"--output {str(output)!r}")
+    _fails(base_args(tmp_path, *TINY, "--device", "bogus"), capsys, "device must be a torch device", "'bogus'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _fails(base_args(tmp_path, *TINY, "--device", "cuda"), capsys, "device 'cuda'", "no CUDA GPU is available")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_corrupt_progress_json_names_the_file(tmp_path, capsys):
+    assert main(base_args(tmp_path, *TINY)) == 0
+    progress = tmp_path / "run" / "progress.json"
+    for text in ("{}", progress.read_text()[:25], '{"finished_tasks": 7}', '{"finished_tasks": "2"}'):
+        progress.write_text(text)
+        _fails(base_args(tmp_path, *TINY), capsys, f"{str(progress)!r}", "delete")
+    (tmp_path / "run" / "run_config.json").write_text('{"run_config": {"meth')
+    _fails(base_args(tmp_path, *TINY), capsys, "run_config.json' is not valid JSON")
+
+
+def test_truncated_weight_files_name_the_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    backbone = run / "pretrained_backbone.safetensors"
+    save_file({"w": torch.zeros(64)}, str(backbone))
+    backbone.write_bytes(backbone.read_bytes()[:-40])
+    _fails(base_args(tmp_path, *TINY, "--pretrain-epochs", "1"), capsys, f"{str(backbone)!r}", "delete it")
+    save_file({"pos_embed": torch.zeros(2)}, str(backbone))  # readable, but not this model's weights
+    _fails(base_args(tmp_path, *TINY, "--pretrain-epochs", "1"), capsys, f"{str(backbone)!r}", "does not fit")
+    for name in ("w.safetensors", "w.pth"):
+        weights = tmp_path / name
+        weights.write_bytes(b"\x80\x02truncated")
+        _fails(base_args(tmp_path, *TINY, "--pretrained", str(weights), "--vit-arch", "vit_tiny_patch16_224"),
+               capsys, f"--pretrained {str(weights)!r}")
+
+
+@pytest.mark.parametrize("argv, package", [
+    (["--model", "vit", "--data", "digits"], "matplotlib"),
+    (["--model", "vit", "--data", "digits"], "timm"),
+    (["--model", "vit", "--data", "digits", "--method", "lora"], "peft"),
+    (["--model", "bert", "--data", "csv:x.csv", "--pretrained", "bert_dir"], "transformers"),
+])
+def test_missing_optional_package_is_named_at_start(tmp_path, capsys, monkeypatch, argv, package):
+    monkeypatch.setitem(sys.modules, package, None)  # what `import package` sees when it is not installed
+    out = tmp_path / "run"
+    _fails(["train", *argv, "--output", str(out), "--no-progress"], capsys, package, "pip install 'softtf[models]'")
+    assert not out.exists()  # checked before any work, not after the run
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
+    _fails(["train", "--model", "bert", "--data", "digits", "--output", str(tmp_path)], capsys, "--model bert needs text data")
+    _fails(["train", "--model", "vit", "--data", "csv:x.csv", "--output", str(tmp_path)], capsys, "--model vit needs image data")
+    _fails(base_args(tmp_path, "--patch-size", "5"), capsys, "must be divisible by --patch-size 5")
+    _fails(base_args(tmp_path, "--pretrained", "w.pt"), capsys, "--pretrained with --model vit needs --vit-arch")

@@ -1,6 +1,7 @@
 """Data sources (digits, CIFAR-100 pickles, image folders, CSV text) and class-incremental splits."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -108,6 +109,45 @@ def test_cifar100_pickle_reader(tmp_path):
     assert load_cifar100(str(tmp_path / "cifar-100-python"), img_size=16).train[0][0].shape == (3, 16, 16)
     with pytest.raises(FileNotFoundError, match="no 'train' pickle under"):
         load_cifar100(str(tmp_path / "nothing"))
+
+
+class _WritesAFile:
+    """A pickle payload that, if unpickled by plain ``pickle.load``, creates ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("where", ["train", "meta"])
+def test_cifar100_refuses_a_pickle_that_would_run_code(tmp_path, where):
+    _write_cifar(str(tmp_path))
+    marker = tmp_path / "pwned.txt"
+    victim = tmp_path / "cifar-100-python" / where
+    with open(victim, "wb") as fh:
+        pickle.dump({"data": _WritesAFile(marker), "fine_labels": [0], "fine_label_names": ["x"]}, fh)
+    with pytest.raises(ValueError, match=rf"load_cifar100: {re.escape(repr(str(victim)))} refers to builtins\.exec, which a CIFAR pickle never holds"):
+        load_cifar100(str(tmp_path))
+    assert not marker.exists()
+    with open(victim, "wb") as fh:
+        fh.write(pickle.dumps({"fine_labels": [0]})[:-5])  # truncated
+    with pytest.raises(ValueError, match=rf"load_cifar100: {re.escape(repr(str(victim)))} is not a readable CIFAR pickle"):
+        load_cifar100(str(tmp_path))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar100_pickles_of_every_protocol_still_load(tmp_path, protocol):
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    for split in ("train", "test"):  # bytes keys and values as the Python 2 originals hold them
+        record = {"data": data, "fine_labels": [1, 0], "coarse_labels": np.array([3, 4]), b"batch_label": b"x",
+                  "filenames": [b"a.png", b"b.png"], "extra": {1.5, 2.5}}
+        (base / split).write_bytes(pickle.dumps(record, protocol=protocol))
+    d = load_cifar100(str(tmp_path), img_size=32)
+    assert d.train.targets.tolist() == [1, 0] and np.array_equal(d.train.images[0].transpose(2, 0, 1).reshape(-1), data[0])
 
 
 def _write_images(directory, n, color):

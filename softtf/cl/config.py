@@ -5,6 +5,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
+
 from ..core.config import SoftConfig
 from ..methods import method_class, method_names
 
@@ -76,6 +78,7 @@ class RunConfig:
             raise ValueError(f"RunConfig: gradient_topk must be None or an int >= 2, got {self.gradient_topk!r}")
         if self.soft_config is not None:
             SoftConfig.from_dict(self.soft_config)  # validates
+        _check_device(self.device)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -84,3 +87,23 @@ class RunConfig:
 
     # fields that may change between a run and its resumption
     RESUME_FREE = ("progress", "device", "eval_batch_size")
+
+
+def _check_device(device: str) -> None:
+    """A device this machine has: refused now, not after data and model are built."""
+    try:
+        dev = torch.device(device) if isinstance(device, str) else None
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type == "meta":
+        raise ValueError(f"RunConfig: device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"RunConfig: device {device!r} but no CUDA GPU is available (torch.cuda.is_available() is False); use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"RunConfig: device {device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"RunConfig: device {device!r} is not usable on this machine ({type(exc).__name__} allocating a tensor there)") from None

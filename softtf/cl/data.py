@@ -9,7 +9,9 @@ Sources (``load_data(spec, ...)`` parses the CLI's ``--data`` string):
     the python-pickle CIFAR-100 release (the ``cifar-100-python/{train,test}`` files that
     ``torchvision.datasets.CIFAR100`` also reads). ``PATH`` is the directory holding
     ``cifar-100-python`` or that directory itself. The pickles are read directly (no torchvision
-    needed, and no md5 check, so a subset of the files in the same format also loads).
+    needed, and no md5 check, so a subset of the files in the same format also loads) by a
+    restricted unpickler: numpy arrays, dicts, lists, strings and numbers only, so a crafted file
+    cannot run code (anything else is refused with a ValueError naming the file and the global).
 ``folder:PATH``
     an ImageFolder-style tree: one sub-directory per class holding images at any depth
     (ImageNet-R, CUB ``images/``, Tiny-ImageNet ``train/<wnid>/images``). If ``PATH`` has
@@ -180,9 +182,41 @@ def load_digits(img_size: int = 32, test_fraction: float = 0.25, seed: int = 0, 
     )
 
 
+# The globals a CIFAR python pickle may name: numpy array / dtype / scalar reconstruction (numpy 1
+# and 2 spell the module differently), bytes under protocol 2, sets; nothing that runs code.
+_CIFAR_GLOBALS = {
+    *((f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((b, n) for b in ("builtins", "__builtin__") for n in ("bytearray", "set", "frozenset")),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def __init__(self, fh, path: str):
+        super().__init__(fh, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise ValueError(
+                f"load_cifar100: {self.path!r} refers to {module}.{name}, which a CIFAR pickle never holds; "
+                "refusing to unpickle it (allowed: numpy arrays, dicts, lists, strings, numbers)"
+            )
+        if module.startswith(("numpy.core.", "numpy._core.")):  # the spelling this numpy has
+            module = ("numpy._core." if hasattr(np, "_core") else "numpy.core.") + module.split(".", 2)[2]
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> dict:
     with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="latin1")
+        try:
+            d = _CifarUnpickler(fh, path).load()
+        except (pickle.UnpicklingError, EOFError) as exc:
+            raise ValueError(f"load_cifar100: {path!r} is not a readable CIFAR pickle ({exc})") from exc
+    if not isinstance(d, dict):
+        raise ValueError(f"load_cifar100: {path!r} holds a {type(d).__name__}, expected a dict (a CIFAR pickle)")
+    return d
 
 
 def load_cifar100(root: str, img_size: int = 32, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> LabelledData:

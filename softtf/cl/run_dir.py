@@ -3,7 +3,8 @@
 ``run_config.json`` (what the run is), ``progress.json`` (rewritten atomically after every task),
 ``checkpoints/task_XXX.safetensors`` (the method's state after task XXX), ``results.json``,
 ``accuracy_matrix.png``, ``accuracy_curve.png``. A directory holding another run's configuration
-is refused, naming the differences.
+is refused, naming the differences; a corrupt ``run_config.json`` or ``progress.json`` is a
+ValueError naming the file.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ class RunDirectory:
         if not os.path.isfile(path):
             write_json(path, run_info)
             return
-        with open(path) as fh:
-            old = json.load(fh)
+        old = _read_json(path)
+        if not isinstance(old, dict):
+            raise ValueError(f"resume: {path!r} holds a {type(old).__name__}, expected a JSON object; delete the run directory to start over")
         self._check_same(old, json.loads(json.dumps(run_info)), path)
 
     def _check_same(self, old: dict, new: dict, path: str) -> None:
@@ -53,14 +55,16 @@ class RunDirectory:
         if diffs:
             raise ValueError(f"resume: {path!r} belongs to a different run; differences: " + "; ".join(diffs[:6]) + " (use a new output directory)")
 
-    def progress(self) -> tuple[dict | None, str | None]:
+    def progress(self, n_tasks: int) -> tuple[dict | None, str | None]:
         """``(progress record, checkpoint of its last finished task)``, or ``(None, None)``."""
         path = self.file("progress.json")
         if not os.path.isfile(path):
             return None, None
-        with open(path) as fh:
-            prog = json.load(fh)
-        done = int(prog["finished_tasks"])
+        prog = _read_json(path)
+        problem = _progress_problem(prog, n_tasks)
+        if problem:
+            raise ValueError(f"resume: {path!r} is corrupt ({problem}); delete it and the checkpoints to start the run over")
+        done = prog["finished_tasks"]
         if done <= 0:
             return None, None
         ck = self.checkpoint(done - 1)
@@ -75,3 +79,29 @@ class RunDirectory:
         write_json(self.file("results.json"), record)
         plot_accuracy_matrix(A, self.file("accuracy_matrix.png"), title=title)
         plot_accuracy_curve(A, self.file("accuracy_curve.png"), title=title)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"resume: {path!r} is not valid JSON ({exc}); delete it to start the run over") from None
+
+
+def _progress_problem(prog, n_tasks: int) -> str | None:
+    """What is wrong with a ``progress.json`` record of a run of ``n_tasks`` tasks, or None."""
+    if not isinstance(prog, dict):
+        return f"a JSON object expected, got {type(prog).__name__}"
+    done = prog.get("finished_tasks")
+    if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= n_tasks:
+        return f"finished_tasks must be an int in [0, {n_tasks}], got {done!r}"
+    for key in ("A", "task_id", "task_id_total"):
+        rows = prog.get(key)
+        if not isinstance(rows, list) or len(rows) != done or not all(
+            isinstance(r, list) and len(r) == n_tasks and all(v is None or isinstance(v, (int, float)) for v in r) for r in rows
+        ):
+            return f"{key} must hold {done} rows of {n_tasks} numbers"
+    if not isinstance(prog.get("timings", []), list):
+        return "timings must be a list"
+    return None

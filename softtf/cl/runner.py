@@ -81,10 +81,10 @@ class ContinualRun:
         if self.directory is None:
             return 0
         self.directory.claim(self.run_info)
-        prog, ck = self.directory.progress()
+        prog, ck = self.directory.progress(self.cfg.n_tasks)
         if prog is None:
             return 0
-        done = int(prog["finished_tasks"])
+        done = prog["finished_tasks"]
         tasks = [self.scenario.task_name(t) for t in range(done)]
         extras = self.method.load(ck, tasks)
         self._restore_extras(extras, tasks, ck)
