@@ -13,25 +13,10 @@ import subprocess
 import sys
 
 
-def _triton_lib_interpreted() -> bool:
-    import triton.language.standard as std
+from triton_interpreter import load_interpreted_kernels  # noqa: E402
 
-    return type(std.cdiv).__name__ == "InterpretedFunction"
-
-
-HAVE_TRITON = importlib.util.find_spec("triton") is not None  # found, not imported (that fixes its mode)
-_kmod = sys.modules.get("softtf_kernels.triton.kernels")
-if HAVE_TRITON and _kmod is None and ("triton" not in sys.modules or _triton_lib_interpreted()):
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import softtf_kernels.triton.kernels as _kmod  # noqa: E402
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
-RUN_HERE = HAVE_TRITON and _kmod is not None and bool(_kmod.INTERPRET) and _triton_lib_interpreted()
+_kmod, RUN_HERE = load_interpreted_kernels()
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402

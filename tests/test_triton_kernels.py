@@ -18,24 +18,9 @@ import subprocess
 import sys
 
 
-def _triton_lib_interpreted() -> bool:
-    import triton.language.standard as std
+from triton_interpreter import load_interpreted_kernels  # noqa: E402
 
-    return type(std.cdiv).__name__ == "InterpretedFunction"
-
-
-_kmod = sys.modules.get("softtf_kernels.triton.kernels")
-if _kmod is None and ("triton" not in sys.modules or _triton_lib_interpreted()):
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import softtf_kernels.triton.kernels as _kmod  # noqa: E402  (decorates the kernels now)
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
-RUN_HERE = _kmod is not None and bool(_kmod.INTERPRET) and _triton_lib_interpreted()
+_kmod, RUN_HERE = load_interpreted_kernels()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,35 @@
+"""Load softtf's Triton kernels under the interpreter (TRITON_INTERPRET=1) for CPU tests.
+
+Whether triton interprets is fixed when a function is decorated: triton's own library functions
+at ``import triton``, ours at import of the kernel module. Test modules call
+:func:`load_interpreted_kernels` before importing anything that may load triton; it returns the
+kernel module when it could be imported in interpreter mode (None otherwise: triton missing, or
+already loaded for a GPU, in which case the caller skips and reruns itself in a subprocess).
+"""
+import importlib.util
+import os
+import sys
+
+
+def triton_lib_interpreted() -> bool:
+    import triton.language.standard as std
+
+    return type(std.cdiv).__name__ == "InterpretedFunction"
+
+
+def load_interpreted_kernels():
+    """``(kernel module or None, whether the interpreted kernels can run in this process)``."""
+    if importlib.util.find_spec("triton") is None:  # found, not imported (that fixes its mode)
+        return None, False
+    kmod = sys.modules.get("softtf_kernels.triton.kernels")
+    if kmod is None and ("triton" not in sys.modules or triton_lib_interpreted()):
+        before = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import softtf_kernels.triton.kernels as kmod  # decorates the kernels now
+        finally:
+            if before is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = before
+    return kmod, kmod is not None and bool(kmod.INTERPRET) and triton_lib_interpreted()
