@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 
-from triton_interpreter import load_interpreted_kernels  # noqa: E402
+from triton_interpreter import load_interpreted_kernels, rerun_under_interpreter  # noqa: E402
 
 _kmod, RUN_HERE = load_interpreted_kernels()
 
@@ -371,11 +371,7 @@ def test_fp64_mask_routes_forward_and_backward_alike(gen, op):
 
 @pytest.mark.skipif(RUN_HERE, reason="kernels run in this process under the interpreter")
 def test_rerun_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    rerun_under_interpreter(__file__)
 
 
 

@@ -33,3 +33,15 @@ def load_interpreted_kernels():
             else:
                 os.environ["TRITON_INTERPRET"] = before
     return kmod, kmod is not None and bool(kmod.INTERPRET) and triton_lib_interpreted()
+
+
+def rerun_under_interpreter(test_file: str) -> None:
+    """Run ``test_file`` in a fresh pytest process with TRITON_INTERPRET=1 and require it to pass
+    (for when triton was already loaded for a GPU in this process)."""
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(test_file)))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
