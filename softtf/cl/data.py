@@ -1,6 +1,8 @@
-"""Labelled datasets and class-incremental scenarios for the continual-learning runner.
+"""Data sources for the continual-learning runner, and ``load_data``, which parses ``--data``.
 
-Sources (``load_data(spec, ...)`` parses the CLI's ``--data`` string):
+Image sources (this module) and text sources (:mod:`softtf.cl.text_data`); every source returns a
+:class:`~softtf.cl.labelled.LabelledData` (re-exported here with ``TensorDataset``,
+``targets_of`` and ``stratified_split``).
 
 ``digits``
     scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download), upsampled
@@ -23,23 +25,28 @@ Sources (``load_data(spec, ...)`` parses the CLI's ``--data`` string):
     ``PATH`` is a file (split stratified by seed) or a directory with ``train.csv`` and
     ``test.csv``. Labels may be integers or strings (classes = sorted distinct labels). Texts are
     tokenized once with the model's tokenizer (padding to ``max_length``).
+``textdir:PATH``
+    a folder of such CSV datasets, one per task (``<task>.csv`` or ``<task>/{train,test}.csv``):
+    each dataset's labels are its task's classes, concatenated in task order (``task_order``,
+    else ``PATH/order.txt``, else sorted names); see :func:`~softtf.cl.text_data.load_text_tasks`.
 
 Every dataset yields ``(inputs, label)`` with ``inputs`` a float image tensor [3, S, S] or a dict
 of token tensors, and exposes ``targets`` (an int64 numpy array) for splitting into tasks.
 """
 from __future__ import annotations
 
-import csv
 import os
 import pickle
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
+
+from .labelled import LabelledData, TensorDataset, stratified_split, targets_of
+from .text_data import load_csv_text, load_text_tasks
 
 __all__ = [
     "LabelledData",
@@ -51,6 +58,7 @@ __all__ = [
     "load_cifar100",
     "load_image_folder",
     "load_csv_text",
+    "load_text_tasks",
     "load_data",
     "stratified_split",
     "IMAGE_EXTENSIONS",
@@ -61,51 +69,10 @@ DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
-@dataclass
-class LabelledData:
-    """A train/test pair of datasets over ``num_classes`` classes (``kind``: "image" or "text")."""
-
-    train: Dataset
-    test: Dataset
-    num_classes: int
-    class_names: list[str]
-    kind: str
-    info: dict = field(default_factory=dict)
-
-
-def targets_of(ds: Dataset) -> np.ndarray:
-    if isinstance(ds, Subset):
-        return targets_of(ds.dataset)[np.asarray(ds.indices)]
-    t = getattr(ds, "targets", None)
-    if t is None:
-        raise TypeError(f"dataset {type(ds).__name__} has no `targets` attribute (needed to split classes into tasks)")
-    return np.asarray(t, dtype=np.int64)
-
-
 def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
     return (x - m) / s
-
-
-class TensorDataset(Dataset):
-    """In-memory dataset: ``inputs`` a tensor [N, ...] or a dict of tensors [N, ...]; ``targets`` [N]."""
-
-    def __init__(self, inputs: Tensor | dict[str, Tensor], targets):
-        self.targets = np.asarray(targets, dtype=np.int64)
-        n = len(self.targets)
-        items = inputs.values() if isinstance(inputs, dict) else [inputs]
-        for v in items:
-            if not isinstance(v, Tensor) or v.shape[0] != n:
-                raise ValueError(f"TensorDataset: every input must be a tensor with {n} rows (one per target), got {getattr(v, 'shape', type(v))}")
-        self.inputs = inputs
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        x = {k: v[i] for k, v in self.inputs.items()} if isinstance(self.inputs, dict) else self.inputs[i]
-        return x, int(self.targets[i])
 
 
 class ArrayImageDataset(Dataset):
@@ -146,21 +113,6 @@ class ImageFileDataset(Dataset):
             im = im.convert("RGB").resize((self.img_size, self.img_size), Image.BILINEAR)
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         return _normalize(x, self.mean, self.std), int(self.targets[i])
-
-
-def stratified_split(targets, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class split: ``(train_idx, test_idx)``; every class keeps >= 1 train sample."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    targets = np.asarray(targets)
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(targets):
-        idx = rng.permutation(np.flatnonzero(targets == c))
-        k = min(int(round(len(idx) * test_fraction)), len(idx) - 1)
-        test.extend(idx[:k].tolist())
-        train.extend(idx[k:].tolist())
-    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------- sources
@@ -311,81 +263,26 @@ def load_image_folder(root: str, img_size: int = 224, test_fraction: float = 0.2
     )
 
 
-def _read_csv(path: str) -> tuple[list[str], list[str]]:
-    labels, texts = [], []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["label", "text"]:
-                continue
-            if len(row) < 2:
-                raise ValueError(f"load_csv_text: {path!r} line {lineno}: expected 'label,text', got {row!r}")
-            labels.append(row[0].strip())
-            texts.append(",".join(row[1:]))
-    if not labels:
-        raise ValueError(f"load_csv_text: {path!r} has no rows")
-    return labels, texts
-
-
-def load_csv_text(path: str, tokenizer, max_length: int = 128, test_fraction: float = 0.2, seed: int = 0) -> LabelledData:
-    """``label,text`` CSV data tokenized with ``tokenizer`` (see the module docstring)."""
-    path = os.fspath(path)
-    if tokenizer is None:
-        raise ValueError("load_csv_text: a tokenizer is required for text data (use --model bert)")
-    if os.path.isdir(path):
-        files = {s: os.path.join(path, f"{s}.csv") for s in ("train", "test")}
-        for s, f in files.items():
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"load_csv_text: directory {path!r} has no {s}.csv")
-        (tr_l, tr_t), (te_l, te_t) = _read_csv(files["train"]), _read_csv(files["test"])
-    elif os.path.isfile(path):
-        labels, texts = _read_csv(path)
-        tr_l, tr_t, te_l, te_t = labels, texts, None, None
-    else:
-        raise FileNotFoundError(f"load_csv_text: no file or directory at {path!r}")
-    all_labels = tr_l + (te_l or [])
-    if all(l.lstrip("-").isdigit() for l in all_labels):
-        classes = [str(v) for v in sorted({int(l) for l in all_labels})]
-        key = lambda l: str(int(l))  # noqa: E731
-    else:
-        classes = sorted(set(all_labels))
-        key = lambda l: l  # noqa: E731
-    index = {c: i for i, c in enumerate(classes)}
-    if te_l is not None:
-        unseen = sorted({key(l) for l in te_l} - {key(l) for l in tr_l})
-        if unseen:
-            raise ValueError(f"load_csv_text: test.csv has labels absent from train.csv: {unseen[:5]}")
-
-    def encode(texts: list[str]) -> dict[str, Tensor]:
-        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-    y_tr = np.asarray([index[key(l)] for l in tr_l], dtype=np.int64)
-    if te_l is None:
-        tr, te = stratified_split(y_tr, test_fraction, seed)
-        enc = encode(tr_t)
-        train = TensorDataset({k: v[tr] for k, v in enc.items()}, y_tr[tr])
-        test = TensorDataset({k: v[te] for k, v in enc.items()}, y_tr[te])
-    else:
-        train = TensorDataset(encode(tr_t), y_tr)
-        test = TensorDataset(encode(te_t), np.asarray([index[key(l)] for l in te_l], dtype=np.int64))
-    return LabelledData(train, test, len(classes), classes, "text", {"source": f"csv:{path}", "max_length": max_length})
-
-
-def load_data(spec: str, *, img_size: int = 32, tokenizer=None, seed: int = 0, max_length: int = 128) -> LabelledData:
-    """Parse ``digits`` | ``cifar100:PATH`` | ``folder:PATH`` | ``csv:PATH`` and load it."""
+def load_data(spec: str, *, img_size: int = 32, tokenizer=None, seed: int = 0, max_length: int = 128,
+              task_order: Sequence[str] | None = None) -> LabelledData:
+    """Parse ``digits`` | ``cifar100:PATH`` | ``folder:PATH`` | ``csv:PATH`` | ``textdir:PATH`` and
+    load it; ``task_order`` (task names) applies to ``textdir:`` only."""
+    expected = "'digits', 'cifar100:PATH', 'folder:PATH', 'csv:PATH' or 'textdir:PATH'"
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"data: expected 'digits', 'cifar100:PATH', 'folder:PATH' or 'csv:PATH', got {spec!r}")
+        raise ValueError(f"data: expected {expected}, got {spec!r}")
     kind, _, path = spec.partition(":")
+    if task_order is not None and kind != "textdir":
+        raise ValueError(f"data: a task order applies to 'textdir:PATH' data only, got {spec!r}")
     if kind == "digits" and not path:
         return load_digits(img_size=img_size, seed=seed)
-    if kind in ("cifar100", "folder", "csv"):
+    if kind in ("cifar100", "folder", "csv", "textdir"):
         if not path:
             raise ValueError(f"data: {kind!r} needs a path, as in '{kind}:/data/dir'")
         if kind == "cifar100":
             return load_cifar100(path, img_size=img_size)
         if kind == "folder":
             return load_image_folder(path, img_size=img_size, seed=seed)
+        if kind == "textdir":
+            return load_text_tasks(path, tokenizer, max_length=max_length, seed=seed, order=task_order)
         return load_csv_text(path, tokenizer, max_length=max_length, seed=seed)
-    raise ValueError(f"data: unknown source {spec!r}; expected 'digits', 'cifar100:PATH', 'folder:PATH' or 'csv:PATH'")
+    raise ValueError(f"data: unknown source {spec!r}; expected {expected}")

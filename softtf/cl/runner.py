@@ -1,8 +1,10 @@
 """Class-incremental continual learning: any registered method under one protocol.
 
 Protocol (METHOD.md): the classes of a labelled dataset are split into ``n_tasks`` disjoint tasks
-(seeded class order). One shared linear head covers every class. While training task ``t`` the
-logits of classes outside task ``t`` are set to ``-inf``. After each task, every seen task's test
+(seeded class order), or, for data made of one dataset per task (``LabelledData.tasks``, the
+``textdir:`` source), each dataset is a task (:func:`softtf.cl.scenario.scenario_for`). One
+shared linear head covers every class. While training task ``t`` the logits of classes outside
+task ``t`` are set to ``-inf``. After each task, every seen task's test
 set is evaluated, giving the accuracy matrix ``A[i, j]``; ACC / Forgetting / BWT / task-id accuracy
 follow :mod:`softtf.cl.metrics`; task inference: :mod:`softtf.cl.evaluate`.
 
@@ -34,7 +36,7 @@ from .evaluate import classifier_features, evaluate_after_task
 from .loaders import make_loader, progress_bar
 from .results import RunResult, Tallies, json_safe
 from .run_dir import RunDirectory
-from .scenario import ClassIncrementalScenario
+from .scenario import ClassIncrementalScenario, scenario_for
 
 __all__ = ["ContinualRun", "run_continual", "fingerprint"]
 
@@ -182,7 +184,7 @@ def run_continual(
         raise TypeError(f"run_continual: cfg must be a RunConfig, got {type(cfg).__name__}")
     if not isinstance(data, LabelledData):
         raise TypeError(f"run_continual: data must be a LabelledData, got {type(data).__name__}")
-    scenario = scenario or ClassIncrementalScenario(data.num_classes, cfg.n_tasks, seed=cfg.seed)
+    scenario = scenario or scenario_for(data, cfg.n_tasks, seed=cfg.seed)
     if scenario.n_tasks != cfg.n_tasks or scenario.num_classes != data.num_classes:
         raise ValueError(
             f"run_continual: scenario has {scenario.n_tasks} tasks over {scenario.num_classes} classes, "
