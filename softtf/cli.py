@@ -1,11 +1,19 @@
 """The ``softtf`` command line: ``softtf train ...`` and ``softtf bench ...``.
 
     softtf train --model vit --data digits --tasks 5 --method softtf --task-id prompt --output runs/d
+    softtf train ... --protocol official --seeds 0 1 2 --output runs/official
     softtf train --model bert --pretrained /path/to/bert --data csv:/data/agnews --tasks 2 ...
+    softtf train --model bert --pretrained /path/to/bert --data textdir:/data/text5 [--task-order agnews yelp ...]
     softtf bench [--quick] [--output DIR] ...   (softtf bench --help)
 
 ``train`` writes ``results.json``, ``accuracy_matrix.png`` and ``accuracy_curve.png`` (plus
-checkpoints and progress) into ``--output``; re-running the same command resumes.
+checkpoints and progress) into ``--output``; re-running the same command resumes. With
+``--seeds S1 S2 ...`` each seed runs into ``--output/seed-S`` and ``--output/summary.json`` holds
+the mean and standard deviation of every metric (:mod:`softtf.cl.seeds`).
+
+Evaluation: both heads (``full``, ``task``) are scored; ``--head`` picks the one the summary
+shows. ``--protocol official`` presets the official Soft-TF code's evaluation
+(:func:`softtf.cl.config.protocol_settings`); flags given explicitly win over the preset.
 
 Models: ``--model vit`` without ``--pretrained`` builds a random-init timm VisionTransformer of
 ``--img-size/--patch-size/--depth/--embed-dim/--heads`` (small enough for a CPU);
@@ -21,6 +29,7 @@ line on stderr with exit status 2, before any work where it can be known before.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -30,9 +39,11 @@ from typing import Sequence
 import torch
 
 from . import bench
-from .cl import TASK_ID_MODES, RunConfig, load_data, pretrain, run_continual
+from .cl import TASK_ID_MODES, RunConfig, load_data, pretrain, run_continual, text_task_files
+from .cl.config import CLASSES_PER_TASK, HEAD_MODES, PROTOCOLS, TASK_ID_INFO, protocol_settings
+from .cl.seeds import seed_directory, write_summary
 from .core import SoftConfig, load_tensors, save_tensors
-from .methods import method_names
+from .methods import method_class, method_names
 
 __all__ = ["main", "build_parser", "CliError"]
 
@@ -59,6 +70,11 @@ def _number(parse, ok, expected: str):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+_size_or_matched = _number(lambda t: t if t == "matched" else int(t), lambda v: v == "matched" or v >= 1,
+                           "a positive integer or 'matched'")
+_topk = _number(lambda t: t if t == CLASSES_PER_TASK else int(t), lambda v: v == CLASSES_PER_TASK or v >= 2,
+                f"an integer >= 2 or {CLASSES_PER_TASK!r}")
+_TASK_ID_HELP = "; ".join(f"{m}: {how}" for m, (how, _) in TASK_ID_INFO.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,15 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run a class-incremental continual-learning experiment")
     t.add_argument("--model", choices=("vit", "bert"), required=True)
-    t.add_argument("--data", required=True, help="digits | cifar100:PATH | folder:PATH | csv:PATH")
-    t.add_argument("--tasks", type=_positive_int, default=5, help="number of tasks (default 5)")
+    t.add_argument("--data", required=True, help="digits | cifar100:PATH | folder:PATH | csv:PATH | textdir:PATH (one CSV per task)")
+    t.add_argument("--task-order", nargs="+", default=None, metavar="TASK",
+                   help="textdir: the tasks (file stems) in order (default: PATH/order.txt, else sorted names)")
+    t.add_argument("--tasks", type=_positive_int, default=None,
+                   help="number of tasks (default 5; textdir: the number of tasks in the folder, which it must equal)")
     t.add_argument("--method", choices=method_names(), default="softtf")
-    t.add_argument("--task-id", choices=TASK_ID_MODES, default=None, help="task inference at test time (default: prompt; finetune: none)")
+    t.add_argument("--task-id", choices=TASK_ID_MODES, default=None,
+                   help=f"task inference at test time (default: prompt; finetune: none). {_TASK_ID_HELP}")
     t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
     t.add_argument("--epochs", type=_nonneg_int, default=20)
     t.add_argument("--batch-size", type=_positive_int, default=24)
     t.add_argument("--lr", type=_positive_float, default=None, help="default 0.03*batch_size/256")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run once per seed into OUTPUT/seed-S (each resumable) and write OUTPUT/summary.json (mean, std)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--pretrained", default=None, help="local weights: ViT state dict file or HF BERT directory")
     t.add_argument("--vit-arch", default=None, help="timm model name for --pretrained ViT weights (e.g. vit_base_patch16_224)")
@@ -88,9 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=_positive_int, default=128, help="token length for text data")
     t.add_argument("--layers", type=int, nargs="+", default=None, help="block indices to mask (default: last 3)")
     t.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to mask")
-    t.add_argument("--k-shot", type=_positive_int, default=7)
-    t.add_argument("--lora-r", type=_positive_int, default=8)
-    t.add_argument("--adapter-bottleneck", type=_positive_int, default=16, help="bottleneck width of --method adapter")
+    e = t.add_argument_group("evaluation (default: RunConfig's; --protocol official presets the official code's)")
+    e.add_argument("--protocol", choices=PROTOCOLS, default="default",
+                   help="official: test batches of 24, whole head, Prompt-ID vote over each batch against every pool key "
+                        "(U(-1,1) init), Gradient ID from 7 samples per batch, entropy over the top C/T logits of the head")
+    e.add_argument("--head", choices=HEAD_MODES, default=None,
+                   help="head the summary shows (results.json holds both): full = argmax over every seen class (default), "
+                        "task = over the inferred task's classes")
+    e.add_argument("--eval-batch-size", type=_positive_int, default=None, help="test batch size (default 64)")
+    e.add_argument("--k-shot", type=_positive_int, default=None, help="samples per test batch of --task-id gradient (default 7)")
+    e.add_argument("--gradient-topk", type=_topk, default=None,
+                   help=f"Gradient-ID entropy over the top-k logits: an int or {CLASSES_PER_TASK} (C/T); default all")
+    e.add_argument("--gradient-logits", choices=("seen", "all"), default=None,
+                   help="logits of the Gradient-ID entropy: seen classes (default) or the whole head")
+    e.add_argument("--prompt-key-init", choices=("normal", "uniform"), default=None, help="Prompt-ID keys N(0, 0.02^2) or U(-1, 1)")
+    e.add_argument("--prompt-pool", action=argparse.BooleanOptionalAction, default=None,
+                   help="create every task's Prompt-ID key up front and match against all of them, untrained ones too")
+    t.add_argument("--lora-r", type=_size_or_matched, default=8, help="LoRA rank, or 'matched' (Soft-TF's parameters per task)")
+    t.add_argument("--adapter-bottleneck", type=_size_or_matched, default=16,
+                   help="bottleneck width of --method adapter, or 'matched' (Soft-TF's parameters per task)")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
 
@@ -135,7 +173,7 @@ def _load_weights(path: str, what: str) -> dict:
         raise CliError(f"{what} {path!r} is not a readable weights file ({type(exc).__name__}: {exc})") from None
 
 
-def _build_vit(args, out_dir: str, data):
+def _build_vit(args, out_dir: str, data, seed: int):
     if args.pretrained:
         import timm  # optional heavy dependency: only ViT runs need it
 
@@ -156,7 +194,7 @@ def _build_vit(args, out_dir: str, data):
         raise CliError(f"--img-size {args.img_size} must be divisible by --patch-size {args.patch_size}")
     if args.embed_dim % args.heads:
         raise CliError(f"--embed-dim {args.embed_dim} must be divisible by --heads {args.heads}")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = VisionTransformer(
         img_size=args.img_size, patch_size=args.patch_size, num_classes=0,
         embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
@@ -175,28 +213,44 @@ def _build_vit(args, out_dir: str, data):
                 first = str(exc).strip().splitlines()[0]
                 raise CliError(f"{path!r} does not fit the backbone these flags build ({first}){advice}") from None
         else:
-            pretrain(model, data.train, data.num_classes, epochs=args.pretrain_epochs, seed=args.seed,
+            pretrain(model, data.train, data.num_classes, epochs=args.pretrain_epochs, seed=seed,
                      device=args.device, progress=not args.no_progress)
             model.cpu()
             save_tensors(path, model.state_dict())
     return model
 
 
+def _task_count(args) -> int:
+    """``--tasks`` (default 5); with ``--data textdir:PATH`` the folder's number of tasks, which
+    ``--tasks`` must equal when given (the listing and ``order.txt`` are read, nothing else)."""
+    if not args.data.startswith("textdir:"):
+        if args.task_order is not None:
+            raise CliError(f"--task-order applies to --data textdir:PATH only, got --data {args.data!r}")
+        return 5 if args.tasks is None else args.tasks
+    root = args.data[len("textdir:"):]
+    if not root:
+        raise CliError("--data textdir: needs a path, as in textdir:/data/text_tasks")
+    names = [name for name, _ in text_task_files(root, args.task_order)]
+    if args.tasks is not None and args.tasks != len(names):
+        raise CliError(
+            f"--tasks {args.tasks} does not match --data {args.data!r}, which holds {len(names)} tasks "
+            f"({', '.join(names)}); leave --tasks out, pass --tasks {len(names)}, or pick tasks with --task-order"
+        )
+    return len(names)
+
+
 def _train(args) -> int:
-    if args.model == "bert" and not args.data.startswith("csv:"):
-        raise CliError(f"--model bert needs text data (--data csv:PATH), got {args.data!r}")
-    if args.model == "vit" and args.data.startswith("csv:"):
+    text = args.data.startswith(("csv:", "textdir:"))
+    if args.model == "bert" and not text:
+        raise CliError(f"--model bert needs text data (--data csv:PATH or textdir:PATH), got {args.data!r}")
+    if args.model == "vit" and text:
         raise CliError("--model vit needs image data (digits, cifar100:PATH, folder:PATH)")
+    args.tasks = _task_count(args)
     _check_optional_packages(args)
-    soft_config = None
-    if args.layers is not None or args.target_modules is not None:
-        soft_config = SoftConfig(target_modules=args.target_modules, layers=args.layers).to_dict()
-    cfg = RunConfig(  # checks the flags it holds (--device included) before any work
-        method=args.method, n_tasks=args.tasks, task_id=args.task_id, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, k_shot=args.k_shot, lora_r=args.lora_r,
-        adapter_bottleneck=args.adapter_bottleneck,
-        soft_config=soft_config, device=args.device, progress=not args.no_progress,
-    )
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise CliError(f"--seeds must be distinct, got {seeds}")
+    configs = {seed: _run_config(args, seed) for seed in seeds}  # checks every flag (--device too) before any work
     _prepare_output(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,14 +268,49 @@ def _train(args) -> int:
             model = BertModel.from_pretrained(args.pretrained, add_pooling_layer=False)
         except (OSError, ValueError) as exc:
             raise CliError(f"--pretrained {args.pretrained!r} is not a readable HF BERT directory ({exc})") from None
-    data = load_data(args.data, img_size=args.img_size, tokenizer=tokenizer, seed=args.seed, max_length=args.max_length)
-    if args.model == "vit":
-        model = _build_vit(args, args.output, data)
-    torch.manual_seed(args.seed)
-    res = run_continual(model, data, cfg, output_dir=args.output, extra_info={"cli": {"model": args.model, "data": args.data}})
-    summary = {k: res[k] for k in ("method", "task_id_mode", "acc", "forgetting", "bwt", "task_id_accuracy")}
-    print(json.dumps(summary, indent=2))
+    records = []
+    for seed, cfg in configs.items():
+        output = args.output if args.seeds is None else seed_directory(args.output, seed)
+        if args.seeds is not None:
+            _prepare_output(output)
+        data = load_data(args.data, img_size=args.img_size, tokenizer=tokenizer, seed=seed, max_length=args.max_length,
+                         task_order=args.task_order)
+        if args.model == "vit":
+            run_model = _build_vit(args, output, data, seed)
+        else:  # a run adapts its backbone in place: each seed starts from the pretrained one
+            run_model = copy.deepcopy(model) if len(configs) > 1 else model
+        torch.manual_seed(seed)
+        res = run_continual(run_model, data, cfg, output_dir=output, extra_info={"cli": {"model": args.model, "data": args.data}})
+        records.append(res.record)
+        print(json.dumps({"seed": seed, **{k: res[k] for k in _SUMMARY}}, indent=2))
+    if args.seeds is not None:
+        summary = write_summary(args.output, records, seeds)
+        brief = {m: {k: summary["metrics"][m][k] for k in ("mean", "std")} for m in _SUMMARY if m in summary["metrics"]}
+        print(json.dumps({"seeds": seeds, "summary": os.path.join(args.output, "summary.json"), **brief}, indent=2))
     return 0
+
+
+_SUMMARY = ("method", "task_id_mode", "task_id_label", "protocol", "head", "acc", "forgetting", "forgetting_official", "bwt",
+            "task_id_accuracy", "task_id_accuracy_per_task")
+# flag -> RunConfig field of the evaluation options a --protocol preset may set
+_EVAL_FLAGS = {"head": "head", "eval_batch_size": "eval_batch_size", "k_shot": "k_shot", "gradient_topk": "gradient_topk",
+               "gradient_logits": "gradient_logits", "prompt_key_init": "prompt_key_init", "prompt_pool": "prompt_pool"}
+
+
+def _run_config(args, seed: int) -> RunConfig:
+    """The RunConfig of one seed: the --protocol preset, then every evaluation flag given explicitly."""
+    soft_config = None
+    if args.layers is not None or args.target_modules is not None:
+        soft_config = SoftConfig(target_modules=args.target_modules, layers=args.layers).to_dict()
+    options = {"task_id": args.task_id or method_class(args.method).default_task_id}
+    options.update(protocol_settings(args.protocol, options["task_id"]))
+    options.update({field: getattr(args, flag) for flag, field in _EVAL_FLAGS.items() if getattr(args, flag) is not None})
+    return RunConfig(
+        method=args.method, n_tasks=args.tasks, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=seed, lora_r=args.lora_r,
+        adapter_bottleneck=args.adapter_bottleneck,
+        soft_config=soft_config, device=args.device, progress=not args.no_progress, **options,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def test_config_errors_exit_with_message(tmp_path, capsys, extra, match):
 def test_train_digits_writes_results_and_plots(tmp_path, capsys):
     args = base_args(
         tmp_path, "--tasks", "2", "--epochs", "1", "--img-size", "16", "--patch-size", "4", "--depth", "2",
-        "--embed-dim", "32", "--method", "softtf", "--task-id", "oracle", "--lr", "0.01", "--threads", "1",
+        "--embed-dim", "32", "--method", "softtf", "--task-id", "oracle", "--head", "task", "--lr", "0.01", "--threads", "1",
         "--pretrain-epochs", "1",
     )
     assert main(args) == 0
@@ -192,3 +193,42 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
     _fails(["train", "--model", "vit", "--data", "csv:x.csv", "--output", str(tmp_path)], capsys, "--model vit needs image data")
     _fails(base_args(tmp_path, "--patch-size", "5"), capsys, "must be divisible by --patch-size 5")
     _fails(base_args(tmp_path, "--pretrained", "w.pt"), capsys, "--pretrained with --model vit needs --vit-arch")
+
+
+def test_seeds_run_per_seed_directories_and_a_summary(tmp_path, capsys):
+    args = base_args(
+        tmp_path, "--tasks", "2", "--epochs", "1", "--img-size", "16", "--patch-size", "4", "--depth", "2",
+        "--embed-dim", "32", "--method", "softtf", "--task-id", "gradient-sample", "--lr", "0.01", "--threads", "1",
+        "--seeds", "0", "1",
+    )
+    assert main(args) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    per_seed = [json.loads((run / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert summary["seeds"] == [0, 1] and summary["task_id_mode"] == "gradient-sample"
+    accs = [r["acc"] for r in per_seed]
+    assert summary["metrics"]["acc"]["values"] == accs
+    assert summary["metrics"]["acc"]["mean"] == pytest.approx(np.mean(accs))
+    assert summary["metrics"]["acc"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert set(summary["heads"]) == {"full", "task"}
+    assert per_seed[0]["run_config"]["seed"] == 0 and per_seed[1]["run_config"]["seed"] == 1
+    printed = capsys.readouterr().out
+    assert '"seeds": [' in printed and "summary.json" in printed
+    # the same command again resumes every seed: nothing changes
+    assert main(args) == 0
+    assert json.loads((run / "summary.json").read_text())["metrics"] == summary["metrics"]
+
+
+def test_protocol_official_flags(tmp_path, capsys):
+    args = base_args(
+        tmp_path, "--tasks", "2", "--epochs", "0", "--img-size", "16", "--patch-size", "4", "--depth", "2",
+        "--embed-dim", "32", "--method", "softtf", "--task-id", "gradient-sample", "--threads", "1",
+        "--protocol", "official", "--eval-batch-size", "30",
+    )
+    assert main(args) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    cfg = res["run_config"]
+    assert res["task_id_mode"] == "gradient" and "batch-grouped" in res["task_id_label"]
+    assert (cfg["protocol"], cfg["k_shot"], cfg["gradient_topk"], cfg["gradient_logits"], cfg["head"]) == (
+        "official", 7, "classes-per-task", "all", "full")
+    assert cfg["eval_batch_size"] == 30  # an explicit flag wins over the preset

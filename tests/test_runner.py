@@ -45,7 +45,7 @@ def backbone(digits, _one_thread):
 
 
 def run(backbone, digits, out=None, **kw):
-    cfg = RunConfig(epochs=EPOCHS, lr=LR, progress=False, **kw)
+    cfg = RunConfig(**{"epochs": EPOCHS, "lr": LR, "progress": False, **kw})
     return run_continual(copy.deepcopy(backbone), digits, cfg, output_dir=out)
 
 
@@ -53,8 +53,10 @@ BEFORE = json.loads((pathlib.Path(__file__).parent / "data" / "digits_runs_befor
 
 
 def assert_same_numbers_as_before(res, key):
-    """The restructured runner reproduces the recorded run exactly (same seeds, same numbers)."""
-    assert res["accuracy_matrix"] == BEFORE[key]["accuracy_matrix"]
+    """The restructured runner reproduces the recorded run exactly (same seeds, same numbers); the
+    recording restricted the head to the inferred task's classes (now the "task" head)."""
+    head = "full" if res["task_id_mode"] == "none" else "task"
+    assert res["heads"][head]["accuracy_matrix"] == BEFORE[key]["accuracy_matrix"]
     assert res["task_id_matrix"] == BEFORE[key]["task_id_matrix"]
 
 
@@ -65,13 +67,13 @@ def lower_triangle(res):
 
 @pytest.fixture(scope="module")
 def oracle_run(backbone, digits):
-    return run(backbone, digits, method="softtf", task_id="oracle")
+    return run(backbone, digits, method="softtf", task_id="oracle", head="task")
 
 
 def test_softtf_oracle_has_zero_forgetting(oracle_run):
     res = oracle_run
     A = lower_triangle(res)
-    # frozen masks + untouched head rows: every column stays bit-identical after its task
+    # task head: frozen masks + untouched head rows: every column stays bit-identical after its task
     for j in range(5):
         assert all(A[i, j] == A[j, j] for i in range(j, 5)), A
     assert res["forgetting"] == 0.0 and res["bwt"] == 0.0
@@ -102,24 +104,24 @@ def test_softtf_gradient_id_batch_rule(backbone, digits):
 
 def test_lora_oracle_has_zero_forgetting(backbone, digits):
     pytest.importorskip("peft")
-    res = run(backbone, digits, method="lora", task_id="oracle", n_tasks=2)
+    res = run(backbone, digits, method="lora", task_id="oracle", n_tasks=2, head="task")
     assert res["forgetting"] == 0.0
     assert res["acc"] > 80.0
 
 
 def test_adapter_method_oracle_zero_forgetting_and_resume(backbone, digits, tmp_path):
     out = tmp_path / "adapter"
-    res = run(backbone, digits, out=out, method="adapter", task_id="oracle", n_tasks=2)
+    res = run(backbone, digits, out=out, method="adapter", task_id="oracle", n_tasks=2, head="task")
     assert res["forgetting"] == 0.0 and res["acc"] > 80.0, res["accuracy_matrix"]
     assert res.method.trained == ["task0", "task1"]
     # resume after task 1: the adapters of task 0 come back from the checkpoint, same numbers
     prog = json.loads((out / "progress.json").read_text())
     prog["finished_tasks"] = 1
-    for k in ("A", "task_id", "task_id_total", "timings"):
+    for k in ("A_full", "A_task", "task_id", "task_id_total", "timings"):
         prog[k] = prog[k][:1]
     (out / "progress.json").write_text(json.dumps(prog))
     (out / "checkpoints" / "task_001.safetensors").unlink()
-    resumed = run(backbone, digits, out=out, method="adapter", task_id="oracle", n_tasks=2)
+    resumed = run(backbone, digits, out=out, method="adapter", task_id="oracle", n_tasks=2, head="task")
     assert resumed["accuracy_matrix"] == res["accuracy_matrix"]
 
 
@@ -171,7 +173,7 @@ def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, mo
     shutil.copytree(out, part)
     prog = json.loads((part / "progress.json").read_text())
     prog["finished_tasks"] = 3
-    for k in ("A", "task_id", "task_id_total"):
+    for k in ("A_full", "A_task", "task_id", "task_id_total"):
         prog[k] = prog[k][:3]
     prog["timings"] = prog["timings"][:3]
     (part / "progress.json").write_text(json.dumps(prog))
@@ -205,14 +207,22 @@ def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, mo
         ({"method": "ewc"}, r"method must be one of \('softtf', 'finetune', 'lora', 'adapter'\)"),
         ({"task_id": "psychic"}, "task_id must be one of"),
         ({"method": "finetune", "task_id": "gradient"}, r"method 'finetune' supports task_id in \('none', 'oracle'\)"),
-        ({"method": "lora", "task_id": "gradient-sample"}, r"method 'lora' supports task_id in \('oracle', 'prompt'\)"),
+        ({"method": "lora", "task_id": "gradient-sample"}, r"method 'lora' supports task_id in \('oracle', 'prompt', 'prompt-vote'\)"),
         ({"method": "softtf", "task_id": "none"}, "method 'softtf' supports task_id in"),
         ({"epochs": -1}, "epochs must be an int >= 0"),
         ({"batch_size": 0}, "batch_size must be an int >= 1"),
         ({"lr": -0.1}, "lr must be a positive finite number"),
         ({"betas": (0.9, 1.0)}, r"betas must be two numbers in \[0, 1\)"),
         ({"grad_clip": 0}, "grad_clip must be > 0 or None"),
-        ({"gradient_topk": 1}, "gradient_topk must be None or an int >= 2"),
+        ({"gradient_topk": 1}, "gradient_topk must be None, an int >= 2 or 'classes-per-task'"),
+        ({"gradient_topk": "half"}, "gradient_topk must be None, an int >= 2 or 'classes-per-task'"),
+        ({"head": "both"}, r"head must be one of \('full', 'task'\)"),
+        ({"method": "finetune", "head": "task"}, "head 'task' needs task inference"),
+        ({"gradient_logits": "some"}, r"gradient_logits must be one of \('seen', 'all'\)"),
+        ({"prompt_key_init": "zeros"}, "prompt_key_init must be one of"),
+        ({"protocol": "paper"}, r"protocol must be one of \('default', 'official'\)"),
+        ({"task_id": "oracle", "prompt_pool": True}, "prompt_pool only applies to task_id in"),
+        ({"lora_r": "same"}, "lora_r must be an int >= 1"),
         ({"soft_config": {"bogus": 1}}, r"unknown fields \['bogus'\]"),
     ],
 )
@@ -262,3 +272,42 @@ def test_bert_text_run_on_minilm(tmp_path):
     assert res["forgetting"] == 0.0 and res["acc"] >= 75.0
     soft = res.method.soft
     assert soft.layer_names[0] == "encoder.layer.3.attention.self.query" and soft.tasks == ["task0", "task1"]
+
+
+def test_official_protocol_run_labels_and_resumes_with_a_key_pool(backbone, digits, tmp_path):
+    """--protocol official: Prompt-ID vote over each test batch against a pool of U(-1, 1) keys."""
+    from softtf.cl.config import protocol_settings
+
+    out = tmp_path / "official"
+    settings = protocol_settings("official", "prompt")
+    res = run(backbone, digits, out=out, method="softtf", n_tasks=2, **settings)
+    assert res["task_id_mode"] == "prompt-vote" and res["protocol"] == "official"
+    assert "batch-grouped" in res["task_id_label"] and res["head"] == "full"
+    assert set(res["heads"]) == {"full", "task"} and res["acc"] == res["heads"]["full"]["acc"]
+    assert res["task_id_accuracy_per_task"] is not None and res["forgetting_official"] >= 0.0
+    assert res["run_config"]["eval_batch_size"] == 24 and res["run_config"]["prompt_pool"] is True
+    pid_keys = [k for k in (out / "checkpoints").iterdir()]
+    assert len(pid_keys) == 2
+    # resume after task 1: both pool keys (the trained and the untrained one) come back
+    prog = json.loads((out / "progress.json").read_text())
+    prog["finished_tasks"] = 1
+    for k in ("A_full", "A_task", "task_id", "task_id_total", "timings"):
+        prog[k] = prog[k][:1]
+    (out / "progress.json").write_text(json.dumps(prog))
+    (out / "checkpoints" / "task_001.safetensors").unlink()
+    resumed = run(backbone, digits, out=out, method="softtf", n_tasks=2, **settings)
+    assert resumed["heads"] == res["heads"] and resumed["task_id_matrix"] == res["task_id_matrix"]
+
+
+@pytest.mark.parametrize("method, field", [("lora", "lora_r"), ("adapter", "adapter_bottleneck")])
+def test_matched_budget_baselines(backbone, digits, method, field):
+    """lora_r / adapter_bottleneck 'matched': about Soft-TF's trainable parameters per task."""
+    if method == "lora":
+        pytest.importorskip("peft")
+    soft = run(backbone, digits, method="softtf", task_id="oracle", n_tasks=2, epochs=0)
+    res = run(backbone, digits, method=method, task_id="oracle", n_tasks=2, epochs=0, **{field: "matched"})
+    budget, got = soft["method_info"]["params_per_task"], res["method_info"]["params_per_task"]
+    assert budget == 3 * (64 * 192 + 64 * 64)  # qkv + proj of the last 3 blocks, out * in each
+    assert abs(got - budget) / budget < 0.03, (got, budget)
+    if method == "lora":
+        assert res["method_info"]["lora_r"] == round(budget / (3 * (64 + 192 + 64 + 64)))

@@ -10,10 +10,59 @@ import torch
 from ..core.config import SoftConfig
 from ..methods import method_class, method_names
 
-__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES"]
+__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES", "TASK_ID_INFO", "HEAD_MODES", "PROTOCOLS", "PROMPT_MODES", "CLASSES_PER_TASK", "protocol_settings",
+           "task_id_label"]
 
-TASK_ID_MODES = ("none", "oracle", "prompt", "gradient", "gradient-sample", "gradient-binary")
+GROUPED = "batch-grouped: uses the test set's grouping by task"
+
+# mode -> (how it decides, what it is). Modes marked GROUPED decide for a whole test batch from
+# the batch's samples together; that is only right because test batches hold one task each, which
+# a deployed model cannot know. Results and plots carry the label.
+TASK_ID_INFO = {
+    "none": ("no task inference", "class-incremental prediction over every seen class"),
+    "oracle": ("oracle: true task given", "task-incremental upper bound"),
+    "prompt": ("per sample", "Prompt ID: argmax_t cos(q(x), k_t) for each sample"),
+    "prompt-vote": (GROUPED, "Prompt ID, majority vote of the per-sample choices over each test batch (official code)"),
+    "gradient": (GROUPED, "Gradient ID, k-shot: scores of the first k_shot samples of each test batch applied to the whole "
+                          "batch (the paper's rule)"),
+    "gradient-sample": ("per sample", "Gradient ID, each sample its own scores"),
+    "gradient-binary": ("per sample", "Gradient ID, SupSup's binary search per sample"),
+}
+TASK_ID_MODES = tuple(TASK_ID_INFO)
 GRADIENT_RULES = {"gradient": "batch", "gradient-sample": "sample", "gradient-binary": "binary-sample"}
+PROMPT_MODES = ("prompt", "prompt-vote")
+HEAD_MODES = ("full", "task")  # argmax over every seen class | over the inferred task's classes
+CLASSES_PER_TASK = "classes-per-task"  # gradient_topk: C/T, the official code's top-k
+PROTOCOLS = ("default", "official")
+
+
+def task_id_label(mode: str) -> str:
+    """``mode (how it decides)``, the honest label results and plots carry."""
+    return f"{mode} ({TASK_ID_INFO[mode][0]})"
+
+
+def protocol_settings(protocol: str, task_id: str) -> dict:
+    """RunConfig fields of an evaluation protocol for a run whose task inference is ``task_id``.
+
+    ``"official"`` reproduces the evaluation of the official Soft-TF code (ihaeyong/Soft-TF,
+    engine.py / prompt.py): test batches of 24, argmax over the whole head, Prompt ID by majority
+    vote over each batch against every pool key (untrained ones included, keys initialised U(-1, 1)),
+    Gradient ID from the first 7 samples of each batch with the entropy over the top C/T logits of
+    the whole head. Its task inference is batch-grouped: it uses the test set's grouping by task.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "default":
+        return {"protocol": "default"}
+    if task_id not in TASK_ID_MODES:
+        raise ValueError(f"task_id must be one of {TASK_ID_MODES}, got {task_id!r}")
+    official_mode = {"prompt": "prompt-vote", "gradient-sample": "gradient", "gradient-binary": "gradient"}
+    out = {"protocol": "official", "task_id": official_mode.get(task_id, task_id), "eval_batch_size": 24, "head": "full"}
+    if out["task_id"] in GRADIENT_RULES:
+        out.update(k_shot=7, gradient_topk=CLASSES_PER_TASK, gradient_logits="all")
+    if out["task_id"] in PROMPT_MODES:
+        out.update(prompt_key_init="uniform", prompt_pool=True)
+    return out
 
 
 @dataclass
@@ -23,6 +72,16 @@ class RunConfig:
     ``lr=None`` means ``0.03 * batch_size / 256``. ``task_id=None`` means the method's default
     (``prompt``; finetune: ``none``). It also carries the options methods read
     (:class:`softtf.methods.MethodOptions`).
+
+    Evaluation: every run scores both heads (``full``: argmax over every class seen so far;
+    ``task``: over the inferred task's classes); ``head`` says which one the summary (``acc`` ...)
+    shows. ``gradient_logits`` (``seen`` | ``all`` head classes) and ``gradient_topk`` (None, an
+    int, or ``"classes-per-task"`` = C/T) choose the logits of Gradient ID's entropy.
+    ``prompt_key_init`` (``normal``: N(0, 0.02^2) | ``uniform``: U(-1, 1)) and ``prompt_pool``
+    (one key per task of the run created up front, untrained ones matched too) shape Prompt ID.
+    ``protocol`` labels the preset the evaluation follows (:func:`protocol_settings`).
+    ``lora_r`` / ``adapter_bottleneck`` may be ``"matched"``: the size at which the method trains
+    as many parameters per task as Soft-TF's masks (the paper's same-budget comparison).
     """
 
     method: str = "softtf"
@@ -36,13 +95,17 @@ class RunConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     eval_batch_size: int = 64
-    restrict_head: bool = True
+    head: str = "full"
     k_shot: int = 7
-    gradient_topk: int | None = None
+    gradient_topk: int | str | None = None
+    gradient_logits: str = "seen"
     prompt_lambda: float = 1.0
-    lora_r: int = 8
+    prompt_key_init: str = "normal"
+    prompt_pool: bool = False
+    protocol: str = "default"
+    lora_r: int | str = 8
     lora_alpha: float = 16.0
-    adapter_bottleneck: int = 16
+    adapter_bottleneck: int | str = 16
     soft_config: dict | None = None  # SoftConfig.to_dict(); None: architecture defaults
     device: str = "cpu"
     progress: bool = True
@@ -60,6 +123,8 @@ class RunConfig:
             raise ValueError(f"RunConfig: method {self.method!r} supports task_id in {allowed}, got {self.task_id!r}")
         for name in ("n_tasks", "epochs", "batch_size", "eval_batch_size", "k_shot", "lora_r", "adapter_bottleneck"):
             v = getattr(self, name)
+            if name in ("lora_r", "adapter_bottleneck") and v == "matched":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "epochs" else 1):
                 raise ValueError(f"RunConfig: {name} must be an int >= {0 if name == 'epochs' else 1}, got {v!r}")
         if self.lr is None:
@@ -74,8 +139,19 @@ class RunConfig:
             raise ValueError(f"RunConfig: grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.weight_decay < 0:
             raise ValueError(f"RunConfig: weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.gradient_topk is not None and (not isinstance(self.gradient_topk, int) or self.gradient_topk < 2):
-            raise ValueError(f"RunConfig: gradient_topk must be None or an int >= 2, got {self.gradient_topk!r}")
+        k = self.gradient_topk
+        if k is not None and k != CLASSES_PER_TASK and (not isinstance(k, int) or isinstance(k, bool) or k < 2):
+            raise ValueError(f"RunConfig: gradient_topk must be None, an int >= 2 or {CLASSES_PER_TASK!r}, got {k!r}")
+        for name, allowed in (("head", HEAD_MODES), ("gradient_logits", ("seen", "all")),
+                              ("prompt_key_init", ("normal", "uniform")), ("protocol", PROTOCOLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RunConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.head == "task" and self.task_id == "none":
+            raise ValueError("RunConfig: head 'task' needs task inference; task_id 'none' has none (use head 'full')")
+        if not isinstance(self.prompt_pool, bool):
+            raise ValueError(f"RunConfig: prompt_pool must be a bool, got {self.prompt_pool!r}")
+        if self.prompt_pool and self.task_id not in PROMPT_MODES:
+            raise ValueError(f"RunConfig: prompt_pool only applies to task_id in {PROMPT_MODES}, got {self.task_id!r}")
         if self.soft_config is not None:
             SoftConfig.from_dict(self.soft_config)  # validates
         _check_device(self.device)
@@ -86,7 +162,7 @@ class RunConfig:
         return d
 
     # fields that may change between a run and its resumption
-    RESUME_FREE = ("progress", "device", "eval_batch_size")
+    RESUME_FREE = ("progress", "device")
 
 
 def _check_device(device: str) -> None:

@@ -4,10 +4,15 @@
 writes tasks 1..n). Entries with ``j > i`` (tasks not seen yet) are ``NaN`` and never used.
 
 * average accuracy after task t: ``mean_{j<=t} A[t, j]``; final ACC = that at ``t = n-1``;
-* forgetting after task t: ``mean_{j<t} (max_{i<t} A[i, j] - A[t, j])`` where the max runs over
-  the rows in which task j had been seen (``j <= i < t``); undefined (``NaN``) for ``t = 0``;
+* forgetting after task t (``variant="standard"``): ``mean_{j<t} (max_{j<=i<t} A[i, j] - A[t, j])``,
+  the max over the *earlier* rows in which task j had been seen (METHOD.md; may be negative when a
+  task improved); undefined (``NaN``) for ``t = 0``;
+* ``variant="official"``: the Soft-TF / L2P code's formula, whose max also runs over the current
+  row (``j <= i <= t``), so each task's forgetting is clamped at 0;
 * BWT: ``mean_{j<n-1} (A[n-1, j] - A[j, j])``; undefined for a single task;
-* task-id accuracy: fraction of test samples whose inferred task equals their true task.
+* BWT over the first ``n-1`` tasks (the last task has nothing to transfer back to);
+* task-id accuracy: fraction of test samples whose inferred task equals their true task
+  (per sample), or the mean over tasks of each task's fraction (per task, the official code's).
 
 All functions take accuracies in whatever unit the matrix uses (the runner uses percent).
 """
@@ -18,13 +23,30 @@ from typing import Sequence
 
 import numpy as np
 
+FORGETTING_VARIANTS = ("standard", "official")
+
+# What each metric of a summary means (written into results.json beside the numbers).
+DEFINITIONS = {
+    "acc": "mean_{j<=T-1} A[T-1, j]: average accuracy over all tasks after the last one (%)",
+    "forgetting": "mean_{j<T-1} (max_{j<=i<T-1} A[i, j] - A[T-1, j]): max over earlier rows (METHOD.md; can be < 0)",
+    "forgetting_official": "mean_{j<T-1} (max_{j<=i<=T-1} A[i, j] - A[T-1, j]): max includes the current row, "
+                           "each task clamped at 0 (the Soft-TF / L2P code)",
+    "bwt": "mean_{j<T-1} (A[T-1, j] - A[j, j]): backward transfer over the first T-1 tasks",
+    "task_id_accuracy": "fraction of test samples (all tasks, after the last task) whose inferred task is right",
+    "task_id_accuracy_per_task": "mean over tasks of each task's fraction of right task inferences, after the last "
+                                 "task (the official code's average)",
+}
+
 __all__ = [
     "accuracy_matrix",
     "average_accuracy",
     "forgetting",
     "backward_transfer",
     "task_id_accuracy",
+    "task_id_accuracy_per_task",
     "summarize",
+    "FORGETTING_VARIANTS",
+    "DEFINITIONS",
 ]
 
 
@@ -56,13 +78,17 @@ def average_accuracy(A, t: int | None = None) -> float:
     return float(np.mean(A[t, : t + 1]))
 
 
-def forgetting(A, t: int | None = None) -> float:
-    """``mean_{j<t} (max_{j<=i<t} A[i, j] - A[t, j])``; ``NaN`` after the first task."""
+def forgetting(A, t: int | None = None, variant: str = "standard") -> float:
+    """``mean_{j<t} (max_{j<=i<t} A[i, j] - A[t, j])`` (``"standard"``) or with the max over
+    ``j <= i <= t`` (``"official"``); ``NaN`` after the first task."""
+    if variant not in FORGETTING_VARIANTS:
+        raise ValueError(f"forgetting: variant must be one of {FORGETTING_VARIANTS}, got {variant!r}")
     A = accuracy_matrix(A)
     t = _row(A, t, "forgetting")
     if t == 0:
         return math.nan
-    return float(np.mean([np.max(A[j:t, j]) - A[t, j] for j in range(t)]))
+    last = t + 1 if variant == "official" else t
+    return float(np.mean([np.max(A[j:last, j]) - A[t, j] for j in range(t)]))
 
 
 def backward_transfer(A) -> float:
@@ -84,18 +110,35 @@ def task_id_accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:
     return float(np.mean(p == y))
 
 
+def task_id_accuracy_per_task(correct: Sequence[float], total: Sequence[float]) -> float:
+    """Mean over tasks of ``correct[j] / total[j]`` (tasks with no samples are skipped)."""
+    c, n = np.asarray(correct, dtype=np.float64).reshape(-1), np.asarray(total, dtype=np.float64).reshape(-1)
+    if c.shape != n.shape:
+        raise ValueError(f"task_id_accuracy_per_task: correct has {c.size} entries, total has {n.size}")
+    if (c < 0).any() or (c > n).any():
+        raise ValueError("task_id_accuracy_per_task: need 0 <= correct <= total for every task")
+    has = n > 0
+    if not has.any():
+        raise ValueError("task_id_accuracy_per_task: no samples")
+    return float(np.mean(c[has] / n[has]))
+
+
 def _none_if_nan(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 def summarize(A) -> dict:
-    """The JSON-ready summary: final ACC, forgetting, BWT and their curves over tasks (NaN -> None)."""
+    """The JSON-ready summary: final ACC, both forgettings, BWT and their curves over tasks, and
+    the matrix itself (NaN -> None)."""
     A = accuracy_matrix(A)
     n = A.shape[0]
     return {
         "acc": average_accuracy(A),
         "forgetting": _none_if_nan(forgetting(A)),
+        "forgetting_official": _none_if_nan(forgetting(A, variant="official")),
         "bwt": _none_if_nan(backward_transfer(A)),
         "acc_curve": [average_accuracy(A, t) for t in range(n)],
         "forgetting_curve": [_none_if_nan(forgetting(A, t)) for t in range(n)],
+        "forgetting_official_curve": [_none_if_nan(forgetting(A, t, "official")) for t in range(n)],
+        "accuracy_matrix": [[None if math.isnan(v) else float(v) for v in row] for row in A.tolist()],
     }

@@ -38,28 +38,35 @@ def plot_accuracy_matrix(A, path: str | os.PathLike, title: str = "") -> None:
     ax.set_ylabel("after training task i")
     ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
     ax.set_yticks(range(n), [str(i + 1) for i in range(n)])
-    ax.set_title(title or "accuracy matrix A[i, j] (%)")
+    ax.set_title(title or "accuracy matrix A[i, j] (%)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     _save(fig, os.fspath(path))
     plt.close(fig)
 
 
-def plot_accuracy_curve(A, path: str | os.PathLike, title: str = "") -> None:
-    """Average accuracy over seen tasks and accuracy on each task, as tasks are learned."""
-    A = accuracy_matrix(A)
+def plot_accuracy_curve(A, path: str | os.PathLike, title: str = "", main: str | None = None) -> None:
+    """Average accuracy over seen tasks and accuracy on each task, as tasks are learned.
+
+    ``A``: one matrix, or ``{head: matrix}`` (the per-task lines of ``main``, an average line per head)."""
+    mats = {main or "": A} if not isinstance(A, dict) else A
+    main = main if main in mats else next(iter(mats))
+    mats = {k: accuracy_matrix(v) for k, v in mats.items()}
     plt = _pyplot()
-    n = A.shape[0]
+    n = mats[main].shape[0]
     x = np.arange(1, n + 1)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for j in range(n):
-        ax.plot(x[j:], A[j:, j], color="0.7", lw=1, marker=".", label="per task" if j == 0 else None)
-    ax.plot(x, [average_accuracy(A, t) for t in range(n)], color="C0", lw=2, marker="o", label="average over seen tasks")
+        ax.plot(x[j:], mats[main][j:, j], color="0.7", lw=1, marker=".", label="per task" + (f" (head {main})" if main else "") if j == 0 else None)
+    for i, (head, a) in enumerate(mats.items()):
+        label = "average over seen tasks" + (f", head {head}" if head else "")
+        ax.plot(x, [average_accuracy(a, t) for t in range(n)], color=f"C{i}", lw=2 if head == main else 1.2,
+                ls="-" if head == main else "--", marker="o", label=label)
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 101)
     ax.set_xticks(x)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    ax.set_title(title or "accuracy over tasks")
+    ax.set_title(title or "accuracy over tasks", fontsize=9)
     _save(fig, os.fspath(path))
     plt.close(fig)

@@ -27,55 +27,75 @@ def json_safe(x):
 
 @dataclass
 class Tallies:
-    """Accuracy ``A[i, j]`` (after task i, on task j) and task-id counts, filled task by task."""
+    """Accuracy ``A[head][i, j]`` (after task i, on task j, under each head) and task-id counts,
+    filled task by task. ``heads``: ``("full", "task")``, or ``("full",)`` without task inference."""
 
     n_tasks: int
-    A: np.ndarray = field(init=False)
+    heads: tuple[str, ...] = ("full", "task")
+    A: dict[str, np.ndarray] = field(init=False)
     tid_correct: np.ndarray = field(init=False)
     tid_total: np.ndarray = field(init=False)
     timings: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = self.n_tasks
-        self.A = np.full((n, n), np.nan)
+        self.A = {head: np.full((n, n), np.nan) for head in self.heads}
         self.tid_correct = np.zeros((n, n))
         self.tid_total = np.zeros((n, n))
+
+    def _matrices(self) -> dict[str, np.ndarray]:
+        return {**{f"A_{head}": a for head, a in self.A.items()}, "task_id": self.tid_correct, "task_id_total": self.tid_total}
 
     def progress(self, finished: int) -> dict:
         """The ``progress.json`` record after ``finished`` tasks."""
         return json_safe({
             "finished_tasks": finished,
-            "A": self.A[:finished].tolist(),
-            "task_id": self.tid_correct[:finished].tolist(),
-            "task_id_total": self.tid_total[:finished].tolist(),
+            **{name: arr[:finished].tolist() for name, arr in self._matrices().items()},
             "timings": self.timings,
         })
 
     def restore(self, prog: dict) -> None:
         """Fill the rows a ``progress.json`` record holds."""
-        for name, arr in (("A", self.A), ("task_id", self.tid_correct), ("task_id_total", self.tid_total)):
-            rows = np.asarray(prog[name], dtype=np.float64)
-            arr[: rows.shape[0]] = np.where(np.isnan(rows), np.nan, rows) if name == "A" else np.nan_to_num(rows)
+        for name, arr in self._matrices().items():
+            rows = np.asarray([[np.nan if v is None else v for v in r] for r in prog[name]], dtype=np.float64).reshape(-1, self.n_tasks)
+            arr[: rows.shape[0]] = rows if name.startswith("A_") else np.nan_to_num(rows)
         self.timings = prog.get("timings", [])
 
-    def record(self, head: dict, run_info: dict) -> dict:
-        """The ``results.json`` record: ``head`` (method, modes), metrics, matrices, ``run_info``."""
+    def matrix_names(self) -> tuple[str, ...]:
+        """The matrices of a ``progress.json`` record (what :meth:`restore` reads)."""
+        return tuple(self._matrices())
+
+    def record(self, head: str, labels: dict, run_info: dict) -> dict:
+        """The ``results.json`` record: ``labels`` (method, modes), the summary of ``head``, every
+        head's summary under ``heads``, task-id accuracies, definitions, ``run_info``."""
+        per_head = {h: metrics.summarize(a) for h, a in self.A.items()}
         out = {
-            **head,
-            **metrics.summarize(self.A),
-            "accuracy_matrix": json_safe(self.A.tolist()),
+            **labels,
+            "head": head,
+            **per_head[head],
+            "heads": per_head,
             "task_id_accuracy": None,
+            "task_id_accuracy_per_task": None,
             "task_id_matrix": None,
+            "metric_definitions": {**metrics.DEFINITIONS, **HEAD_DEFINITIONS},
             "timings": self.timings,
             **run_info,
         }
+        last_c, last_n = self.tid_correct[-1], self.tid_total[-1]
         if self.tid_total.sum() > 0:
-            last = self.tid_total[-1]
-            out["task_id_accuracy"] = float(self.tid_correct[-1].sum() / last.sum()) if last.sum() > 0 else None
+            if last_n.sum() > 0:
+                out["task_id_accuracy"] = float(last_c.sum() / last_n.sum())
+                out["task_id_accuracy_per_task"] = metrics.task_id_accuracy_per_task(last_c, last_n)
             with np.errstate(invalid="ignore", divide="ignore"):
                 mat = np.where(self.tid_total > 0, self.tid_correct / np.maximum(self.tid_total, 1), np.nan)
             out["task_id_matrix"] = json_safe(mat.tolist())
         return json_safe(out)
+
+
+HEAD_DEFINITIONS = {
+    "heads.full": "prediction = argmax over every class seen so far (the class-incremental standard)",
+    "heads.task": "prediction = argmax over the classes of the inferred task (a wrong task inference is a wrong answer)",
+}
 
 
 @dataclass

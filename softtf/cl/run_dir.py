@@ -55,13 +55,14 @@ class RunDirectory:
         if diffs:
             raise ValueError(f"resume: {path!r} belongs to a different run; differences: " + "; ".join(diffs[:6]) + " (use a new output directory)")
 
-    def progress(self, n_tasks: int) -> tuple[dict | None, str | None]:
-        """``(progress record, checkpoint of its last finished task)``, or ``(None, None)``."""
+    def progress(self, n_tasks: int, matrices: tuple[str, ...]) -> tuple[dict | None, str | None]:
+        """``(progress record, checkpoint of its last finished task)``, or ``(None, None)``.
+        ``matrices``: the per-task tallies the record must hold."""
         path = self.file("progress.json")
         if not os.path.isfile(path):
             return None, None
         prog = _read_json(path)
-        problem = _progress_problem(prog, n_tasks)
+        problem = _progress_problem(prog, n_tasks, matrices)
         if problem:
             raise ValueError(f"resume: {path!r} is corrupt ({problem}); delete it and the checkpoints to start the run over")
         done = prog["finished_tasks"]
@@ -75,10 +76,11 @@ class RunDirectory:
     def write_progress(self, record: dict) -> None:
         write_json(self.file("progress.json"), record)
 
-    def write_results(self, record: dict, A, title: str) -> None:
+    def write_results(self, record: dict, matrices: dict, head: str, title: str) -> None:
+        """``results.json``, the heat map of ``matrices[head]`` and the curves of every head."""
         write_json(self.file("results.json"), record)
-        plot_accuracy_matrix(A, self.file("accuracy_matrix.png"), title=title)
-        plot_accuracy_curve(A, self.file("accuracy_curve.png"), title=title)
+        plot_accuracy_matrix(matrices[head], self.file("accuracy_matrix.png"), title=f"{title}\nhead {head}")
+        plot_accuracy_curve(matrices, self.file("accuracy_curve.png"), title=title, main=head)
 
 
 def _read_json(path: str):
@@ -89,14 +91,14 @@ def _read_json(path: str):
         raise ValueError(f"resume: {path!r} is not valid JSON ({exc}); delete it to start the run over") from None
 
 
-def _progress_problem(prog, n_tasks: int) -> str | None:
+def _progress_problem(prog, n_tasks: int, matrices: tuple[str, ...]) -> str | None:
     """What is wrong with a ``progress.json`` record of a run of ``n_tasks`` tasks, or None."""
     if not isinstance(prog, dict):
         return f"a JSON object expected, got {type(prog).__name__}"
     done = prog.get("finished_tasks")
     if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= n_tasks:
         return f"finished_tasks must be an int in [0, {n_tasks}], got {done!r}"
-    for key in ("A", "task_id", "task_id_total"):
+    for key in matrices:
         rows = prog.get(key)
         if not isinstance(rows, list) or len(rows) != done or not all(
             isinstance(r, list) and len(r) == n_tasks and all(v is None or isinstance(v, (int, float)) for v in r) for r in rows

@@ -30,7 +30,7 @@ from ..inference.prompt_id import PromptID
 from ..methods import method_class
 from ..methods.base import ContinualMethod
 from .classifier import ContinualClassifier
-from .config import RunConfig
+from .config import PROMPT_MODES, TASK_ID_INFO, RunConfig, task_id_label
 from .data import LabelledData
 from .evaluate import classifier_features, evaluate_after_task
 from .loaders import make_loader, progress_bar
@@ -63,17 +63,22 @@ class ContinualRun:
         self.clf = ContinualClassifier(backbone, data.num_classes)
         backbone_print = fingerprint(self.clf.backbone)
         self.method: ContinualMethod = method_class(cfg.method)(self.clf, cfg)
-        self.pid = PromptID(self.clf.feature_dim, lam=cfg.prompt_lambda) if cfg.task_id == "prompt" else None
+        self.pid = None
+        if cfg.task_id in PROMPT_MODES:
+            self.pid = PromptID(self.clf.feature_dim, lam=cfg.prompt_lambda, init=cfg.prompt_key_init)
+            for t in range(cfg.n_tasks if cfg.prompt_pool else 0):  # the official pool: every key up front
+                self.pid.add_key(scenario.task_name(t), trainable=False)
         self.clf.to(self.device)
         if self.pid is not None:
             self.pid.to(self.device)
-        self.tallies = Tallies(cfg.n_tasks)
+        self.tallies = Tallies(cfg.n_tasks, ("full",) if cfg.task_id == "none" else ("full", "task"))
         base = self.clf.backbone.model if isinstance(self.clf.backbone, SoftModel) else self.clf.backbone
         self.run_info = json_safe({
             "run_config": cfg.to_dict(),
             "scenario": scenario.to_dict(),
             "data": {"num_classes": data.num_classes, "kind": data.kind, **dict(data.info)},
             "backbone": {"class": type(base).__name__, "fingerprint": backbone_print},
+            "method_info": self.method.info(),
             **(extra_info or {}),
         })
 
@@ -83,7 +88,7 @@ class ContinualRun:
         if self.directory is None:
             return 0
         self.directory.claim(self.run_info)
-        prog, ck = self.directory.progress(self.cfg.n_tasks)
+        prog, ck = self.directory.progress(self.cfg.n_tasks, self.tallies.matrix_names())
         if prog is None:
             return 0
         done = prog["finished_tasks"]
@@ -101,7 +106,7 @@ class ContinualRun:
         torch.manual_seed(cfg.seed * 1000 + t)
         params = list(self.method.begin_task(t, name)) + list(clf.head.parameters())
         if pid is not None:
-            params.append(pid.add_key(name, device=self.device))
+            params.append(pid.train_key(name) if cfg.prompt_pool else pid.add_key(name, device=self.device))
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         outside = torch.ones(self.data.num_classes, dtype=torch.bool, device=self.device)
         outside[torch.tensor(self.scenario.task_classes[t], device=self.device)] = False
@@ -145,24 +150,28 @@ class ContinualRun:
 
     def result(self) -> RunResult:
         cfg = self.cfg
-        head = {"method": cfg.method, "task_id_mode": cfg.task_id, "n_tasks": cfg.n_tasks}
-        record = self.tallies.record(head, self.run_info)
+        labels = {
+            "method": cfg.method, "task_id_mode": cfg.task_id, "task_id_label": task_id_label(cfg.task_id),
+            "task_id_grouping": TASK_ID_INFO[cfg.task_id][0], "task_id_description": TASK_ID_INFO[cfg.task_id][1],
+            "protocol": cfg.protocol, "n_tasks": cfg.n_tasks,
+        }
+        record = self.tallies.record(cfg.head, labels, self.run_info)
         if self.directory is not None:
-            self.directory.write_results(record, self.tallies.A, title=f"{cfg.method} / task-id {cfg.task_id}")
+            title = f"{cfg.method} / task-id {task_id_label(cfg.task_id)} / protocol {cfg.protocol}"
+            self.directory.write_results(record, self.tallies.A, cfg.head, title)
         return RunResult(record, self.method, self.clf)
 
     def _restore_extras(self, extras: dict[str, Tensor], tasks: list[str], path: str) -> None:
         for key, p in (("head.weight", self.clf.head.weight), ("head.bias", self.clf.head.bias)):
             restore_tensor(extras, key, p, path)
         if self.pid is not None:
-            for t in tasks:
+            for t in self.pid.tasks if self.cfg.prompt_pool else tasks:  # a pool saves every key, trained or not
                 k = f"prompt_key.{t}"
                 if k not in extras:
                     raise ValueError(f"resume: checkpoint {path!r} has no Prompt-ID key for task {t!r}")
-                self.pid.add_key(t, device=self.device)
-                with torch.no_grad():
-                    self.pid.keys[t].copy_(extras[k])
-                self.pid.freeze_key(t)
+                if t not in self.pid.keys:
+                    self.pid.add_key(t, device=self.device, trainable=False)
+                restore_tensor(extras, k, self.pid.keys[t], path)
 
 
 def run_continual(

@@ -45,32 +45,46 @@ class PromptID(nn.Module):
     Args:
         dim: feature (key) dimension.
         lam: weight λ of the pull term ``-λ·cos(q, k_t)``.
-        init_std: keys start as ``N(0, init_std^2)``; small keys turn toward their task's
-            queries within a few Adam steps.
+        init_std: with ``init="normal"`` keys start as ``N(0, init_std^2)``; small keys turn toward
+            their task's queries within a few Adam steps.
+        init: ``"normal"`` or ``"uniform"`` (``U(-1, 1)``, the official Soft-TF / L2P pool keys).
     """
 
-    def __init__(self, dim: int, lam: float = 1.0, init_std: float = 0.02):
+    INITS = ("normal", "uniform")
+
+    def __init__(self, dim: int, lam: float = 1.0, init_std: float = 0.02, init: str = "normal"):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"PromptID: dim must be a positive int, got {dim!r}")
         if lam <= 0:
             raise ValueError(f"PromptID: lam must be > 0, got {lam}")
-        self.dim, self.lam, self.init_std = dim, float(lam), float(init_std)
+        if init not in self.INITS:
+            raise ValueError(f"PromptID: init must be one of {self.INITS}, got {init!r}")
+        self.dim, self.lam, self.init_std, self.init = dim, float(lam), float(init_std), init
         self.keys = nn.ParameterDict()
 
     @property
     def tasks(self) -> list[str]:
         return list(self.keys.keys())
 
-    def add_key(self, task: str, generator: torch.Generator | None = None, device=None) -> nn.Parameter:
-        """Create the trainable key of ``task`` (every other key is frozen)."""
+    def add_key(self, task: str, generator: torch.Generator | None = None, device=None, trainable: bool = True) -> nn.Parameter:
+        """Create the key of ``task``: the one trainable key (every other key is frozen), or a
+        frozen one with ``trainable=False`` (a pool key to train later with :meth:`train_key`)."""
         if task in self.keys:
             raise ValueError(f"PromptID.add_key: task {task!r} already has a key")
+        if self.init == "uniform":
+            key = torch.rand(self.dim, generator=generator, device=device) * 2 - 1
+        else:
+            key = torch.randn(self.dim, generator=generator, device=device) * self.init_std
+        self.keys[task] = nn.Parameter(key, requires_grad=False)
+        return self.train_key(task) if trainable else self.keys[task]
+
+    def train_key(self, task: str) -> nn.Parameter:
+        """Make ``task``'s key the one trainable key (every other key is frozen); returns it."""
+        self._check(task, "train_key")
         for p in self.keys.values():
             p.requires_grad_(False)
-        key = torch.randn(self.dim, generator=generator, device=device) * self.init_std
-        self.keys[task] = nn.Parameter(key)
-        return self.keys[task]
+        return self.keys[task].requires_grad_(True)
 
     def freeze_key(self, task: str) -> None:
         self._check(task, "freeze_key")

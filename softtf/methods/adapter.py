@@ -8,8 +8,9 @@ Parameters per adapted layer: ``bottleneck * (2 * out + 1) + out``.
 
 The Adapter baseline of ``softtf bench`` (one adapter at a parameter count matched to Soft-TF's
 ``out * in`` mask, :func:`matched_bottleneck`, or at a small bottleneck) and the continual-learning
-method ``adapter``: one adapter per task on the layers Soft-TF masks (``adapter_bottleneck``),
-finished adapters frozen; task inference ``oracle`` or ``prompt`` (queries with adapters off).
+method ``adapter``: one adapter per task on the layers Soft-TF masks (``adapter_bottleneck``, or
+``"matched"``: :func:`matched_bottleneck` per layer), finished adapters frozen; task inference
+``oracle``, ``prompt`` or ``prompt-vote`` (queries with adapters off).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from ..core.files import restore_tensor
 from ..core.layer import LinearWrapper
 from ..core.model import set_submodule
-from .base import ContinualMethod, grouped_forward, target_layer_names
+from .base import MATCHED, ContinualMethod, grouped_forward, target_linears
 from .registry import register
 
 __all__ = ["BottleneckAdapter", "AdapterLinear", "AdapterMethod", "adapter_param_count", "matched_bottleneck", "add_adapters"]
@@ -122,17 +123,20 @@ class AdapterMethod(ContinualMethod):
     """One bottleneck adapter per task on every Soft-TF target layer; old adapters frozen."""
 
     name = "adapter"
-    task_id_modes = ("oracle", "prompt")
+    task_id_modes = ("oracle", "prompt", "prompt-vote")
 
     def __init__(self, classifier, options):
         super().__init__(classifier, options)
         backbone = classifier.backbone
-        names = target_layer_names(backbone, options.soft_config)
+        linears = target_linears(backbone, options.soft_config)
         backbone.requires_grad_(False)
         self.layers: dict[str, AdapterLinear] = {}
-        for n in names:
-            self.layers[n] = AdapterLinear(backbone.get_submodule(n))
+        self.bottleneck: dict[str, int] = {}
+        for n, base in linears.items():
+            self.layers[n] = AdapterLinear(base)
             set_submodule(backbone, n, self.layers[n])
+            size = options.adapter_bottleneck
+            self.bottleneck[n] = matched_bottleneck(base.in_features, base.out_features) if size == MATCHED else size
 
     def _select(self, name: str | None) -> None:
         for layer in self.layers.values():
@@ -140,8 +144,8 @@ class AdapterMethod(ContinualMethod):
 
     def _add(self, name: str) -> list[nn.Parameter]:
         params = []
-        for layer in self.layers.values():
-            params.extend(layer.add_adapter(name, self.options.adapter_bottleneck).parameters())
+        for lname, layer in self.layers.items():
+            params.extend(layer.add_adapter(name, self.bottleneck[lname]).parameters())
         return params
 
     def begin_task(self, t, name):
@@ -157,6 +161,10 @@ class AdapterMethod(ContinualMethod):
         if task_index is None:
             raise ValueError("adapter needs a task per sample (task_id 'none' is not supported)")
         return grouped_forward(self.clf, inputs, task_index, lambda i: self._select(tasks[i]))
+
+    def info(self):
+        per_task = sum(adapter_param_count(layer.out_features, self.bottleneck[n]) for n, layer in self.layers.items())
+        return {"adapter_bottleneck": dict(self.bottleneck), "params_per_task": per_task}
 
     @contextlib.contextmanager
     def pretrained(self) -> Iterator[None]:

@@ -10,7 +10,8 @@ Prompt-ID keys and evaluation; it calls, per task::
 
 and at test time ``method.forward_tasks(x, task_index, tasks)`` (logits with sample b run as task
 ``tasks[task_index[b]]``), ``method.infer_tasks(...)`` for Gradient ID and ``method.pretrained()``
-for the Prompt-ID query. ``save`` / ``load`` checkpoint the method's state after a task.
+for the Prompt-ID query. ``save`` / ``load`` checkpoint the method's state after a task; ``info()``
+says what the method trains (parameters per task), for results and same-budget comparisons.
 
 Adding a method: one module in this package with a :func:`~softtf.methods.registry.register`-ed
 subclass, imported in ``softtf/methods/__init__.py``.
@@ -28,9 +29,11 @@ from ..core.batch import take_rows
 from ..core.config import SoftConfig, resolve_config
 from ..core.files import load_tensors, save_tensors
 
-__all__ = ["ContinualMethod", "MethodOptions", "grouped_forward", "checkpoint_extras", "target_layer_names", "EXTRA_PREFIX"]
+__all__ = ["ContinualMethod", "MethodOptions", "grouped_forward", "checkpoint_extras", "target_layer_names", "target_linears",
+           "EXTRA_PREFIX", "MATCHED"]
 
 EXTRA_PREFIX = "extra::"  # checkpoint keys of tensors the runner owns (head, Prompt-ID keys)
+MATCHED = "matched"  # a size option: as many trainable parameters per task as Soft-TF's masks
 
 
 class MethodOptions(Protocol):
@@ -38,11 +41,9 @@ class MethodOptions(Protocol):
 
     seed: int
     soft_config: dict | None
-    k_shot: int
-    gradient_topk: int | None
-    lora_r: int
+    lora_r: int | str  # an int or MATCHED
     lora_alpha: float
-    adapter_bottleneck: int
+    adapter_bottleneck: int | str  # an int or MATCHED
 
 
 class ContinualMethod:
@@ -79,9 +80,14 @@ class ContinualMethod:
         """Logits [B, C] with sample b run as task ``tasks[task_index[b]]`` (``None``: no task)."""
         raise NotImplementedError
 
-    def infer_tasks(self, inputs, tasks: list[str], forward_fn: Callable, rule: str) -> Tensor:
-        """Gradient ID: indices into ``tasks`` [B]. Only methods with task masks support it."""
+    def infer_tasks(self, inputs, tasks: list[str], forward_fn: Callable, rule: str, k_shot: int, topk: int | None) -> Tensor:
+        """Gradient ID (``softtf.gradient_id`` rule, k-shot, entropy top-k): indices into ``tasks``
+        [B]. Only methods with task masks support it."""
         raise ValueError(f"method {self.name!r} does not support Gradient ID")
+
+    def info(self) -> dict:
+        """JSON-ready facts about the method as configured (e.g. ``params_per_task``)."""
+        return {}
 
     def pretrained(self) -> ContextManager:
         """A context in which the classifier's backbone is the pretrained network (Prompt-ID
@@ -132,3 +138,9 @@ def target_layer_names(backbone: nn.Module, soft_config: dict | None) -> list[st
     soft_cfg = SoftConfig.from_dict(soft_config) if soft_config else SoftConfig()
     soft_cfg.modules_to_save = soft_cfg.modules_to_save or []
     return resolve_config(backbone, soft_cfg)[1]
+
+
+def target_linears(backbone: nn.Module, soft_config: dict | None) -> dict[str, nn.Linear]:
+    """The modules of :func:`target_layer_names`, by name (Soft-TF trains ``out * in`` mask entries
+    per task on each: the budget the ``"matched"`` sizes of the baselines meet)."""
+    return {n: backbone.get_submodule(n) for n in target_layer_names(backbone, soft_config)}

@@ -29,6 +29,9 @@ class FinetuneMethod(ContinualMethod):
     def begin_task(self, t, name):
         return list(self.params.values())
 
+    def info(self):
+        return {"params_per_task": sum(p.numel() for p in self.params.values()), "note": "one network shared by every task"}
+
     def forward_tasks(self, inputs, task_index, tasks):
         return self.clf(inputs)  # one network for every task; the runner restricts the head if asked
 

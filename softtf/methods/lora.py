@@ -1,13 +1,17 @@
 """One PEFT LoRA adapter per task on the Soft-TF target layers (``peft.LoraConfig`` with rank
 ``lora_r`` and ``lora_alpha``); finished adapters are frozen. Task inference: ``oracle`` or
-``prompt`` (Prompt-ID queries run with the adapters disabled)."""
+``prompt`` / ``prompt-vote`` (Prompt-ID queries run with the adapters disabled).
+
+``lora_r="matched"``: one rank for every layer, ``round(Σ out·in / Σ (in + out))`` over the target
+layers, so a task trains as many parameters as Soft-TF's masks (the paper's same-budget LoRA:
+r = 512 for ViT-B/16 qkv + proj, which the paper rounds to 500)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-from .base import ContinualMethod, grouped_forward, target_layer_names
+from .base import MATCHED, ContinualMethod, grouped_forward, target_linears
 from .registry import register
 
 __all__ = ["LoRAMethod"]
@@ -16,15 +20,20 @@ __all__ = ["LoRAMethod"]
 @register
 class LoRAMethod(ContinualMethod):
     name = "lora"
-    task_id_modes = ("oracle", "prompt")
+    task_id_modes = ("oracle", "prompt", "prompt-vote")
 
     def __init__(self, classifier, options):
         super().__init__(classifier, options)
         import peft  # optional dependency: only this method needs it
 
         self.peft = peft
-        self.names = target_layer_names(classifier.backbone, options.soft_config)
-        self.lora_config = peft.LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=0.0, target_modules=self.names)
+        linears = target_linears(classifier.backbone, options.soft_config)
+        self.names = list(linears)
+        io = sum(m.in_features + m.out_features for m in linears.values())
+        masks = sum(m.in_features * m.out_features for m in linears.values())
+        self.rank = max(1, round(masks / io)) if options.lora_r == MATCHED else options.lora_r
+        self.params_per_task = self.rank * io
+        self.lora_config = peft.LoraConfig(r=self.rank, lora_alpha=options.lora_alpha, lora_dropout=0.0, target_modules=self.names)
         classifier.backbone.requires_grad_(False)
         self.model = None  # the PeftModel, created with the first adapter
 
@@ -67,6 +76,9 @@ class LoRAMethod(ContinualMethod):
 
     def pretrained(self):
         return contextlib.nullcontext() if self.model is None else self.model.disable_adapter()
+
+    def info(self):
+        return {"lora_r": self.rank, "lora_alpha": self.options.lora_alpha, "params_per_task": self.params_per_task}
 
     def state(self):
         tensors = {}

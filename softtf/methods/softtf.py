@@ -16,7 +16,7 @@ __all__ = ["SoftTFMethod"]
 @register
 class SoftTFMethod(ContinualMethod):
     name = "softtf"
-    task_id_modes = ("oracle", "prompt", "gradient", "gradient-sample", "gradient-binary")
+    task_id_modes = ("oracle", "prompt", "prompt-vote", "gradient", "gradient-sample", "gradient-binary")
 
     def __init__(self, classifier, options):
         super().__init__(classifier, options)
@@ -42,14 +42,16 @@ class SoftTFMethod(ContinualMethod):
             return self.clf(inputs)
         return predict_with_tasks(self.clf, inputs, task_index, tasks, forward_fn=self.clf)
 
-    def infer_tasks(self, inputs, tasks, forward_fn, rule):
-        res = gradient_id(self.clf, inputs, forward_fn=forward_fn, tasks=tasks, rule=rule,
-                          k_shot=self.options.k_shot, topk=self.options.gradient_topk)
+    def infer_tasks(self, inputs, tasks, forward_fn, rule, k_shot, topk):
+        res = gradient_id(self.clf, inputs, forward_fn=forward_fn, tasks=tasks, rule=rule, k_shot=k_shot, topk=topk)
         remap = torch.tensor([tasks.index(n) for n in res.tasks], dtype=torch.long)
         return remap[res.task_index.long().cpu()]
 
     def pretrained(self):
         return self.soft.disable_masks()
+
+    def info(self):
+        return {"params_per_task": sum(layer.weight.numel() for layer in self.soft.soft_layers.values())}
 
     def save(self, path: str, extra: dict[str, Tensor]) -> None:
         save_masks(self.soft, path, extra=extra)  # masks + config + task names (the mask-file format)
