@@ -23,3 +23,13 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: 2-core CI boxes shared with other jobs stall on OpenMP
+    oversubscription. Modules that train use it with ``pytestmark = pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,13 +9,7 @@ import torch
 from softtf.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2-core CI boxes shared with other jobs: one thread avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_args(tmp_path, *extra):

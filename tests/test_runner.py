@@ -60,6 +60,18 @@ def assert_same_numbers_as_before(res, key):
     assert res["task_id_matrix"] == BEFORE[key]["task_id_matrix"]
 
 
+def truncate_run(out, finished):
+    """Make the run directory ``out`` look interrupted after ``finished`` tasks."""
+    prog = json.loads((out / "progress.json").read_text())
+    n = len(prog["A_full"])
+    prog["finished_tasks"] = finished
+    for k in ("A_full", "A_task", "task_id", "task_id_total", "timings"):
+        prog[k] = prog[k][:finished]
+    (out / "progress.json").write_text(json.dumps(prog))
+    for t in range(finished, n):
+        (out / "checkpoints" / f"task_{t:03d}.safetensors").unlink()
+
+
 def lower_triangle(res):
     A = np.array([[np.nan if v is None else v for v in row] for row in res["accuracy_matrix"]])
     return A
@@ -115,12 +127,7 @@ def test_adapter_method_oracle_zero_forgetting_and_resume(backbone, digits, tmp_
     assert res["forgetting"] == 0.0 and res["acc"] > 80.0, res["accuracy_matrix"]
     assert res.method.trained == ["task0", "task1"]
     # resume after task 1: the adapters of task 0 come back from the checkpoint, same numbers
-    prog = json.loads((out / "progress.json").read_text())
-    prog["finished_tasks"] = 1
-    for k in ("A_full", "A_task", "task_id", "task_id_total", "timings"):
-        prog[k] = prog[k][:1]
-    (out / "progress.json").write_text(json.dumps(prog))
-    (out / "checkpoints" / "task_001.safetensors").unlink()
+    truncate_run(out, 1)
     resumed = run(backbone, digits, out=out, method="adapter", task_id="oracle", n_tasks=2, head="task")
     assert resumed["accuracy_matrix"] == res["accuracy_matrix"]
 
@@ -171,14 +178,7 @@ def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, mo
     # interrupted after 3 of 5 tasks: resume retrains tasks 4 and 5 only and gives the same numbers
     part = tmp_path / "partial"
     shutil.copytree(out, part)
-    prog = json.loads((part / "progress.json").read_text())
-    prog["finished_tasks"] = 3
-    for k in ("A_full", "A_task", "task_id", "task_id_total"):
-        prog[k] = prog[k][:3]
-    prog["timings"] = prog["timings"][:3]
-    (part / "progress.json").write_text(json.dumps(prog))
-    for t in (3, 4):
-        (part / "checkpoints" / f"task_{t:03d}.safetensors").unlink()
+    truncate_run(part, 3)
     (part / "results.json").unlink()
     began = []
     orig = SoftTFMethod.begin_task
@@ -286,15 +286,9 @@ def test_official_protocol_run_labels_and_resumes_with_a_key_pool(backbone, digi
     assert set(res["heads"]) == {"full", "task"} and res["acc"] == res["heads"]["full"]["acc"]
     assert res["task_id_accuracy_per_task"] is not None and res["forgetting_official"] >= 0.0
     assert res["run_config"]["eval_batch_size"] == 24 and res["run_config"]["prompt_pool"] is True
-    pid_keys = [k for k in (out / "checkpoints").iterdir()]
-    assert len(pid_keys) == 2
+    assert len(list((out / "checkpoints").iterdir())) == 2
     # resume after task 1: both pool keys (the trained and the untrained one) come back
-    prog = json.loads((out / "progress.json").read_text())
-    prog["finished_tasks"] = 1
-    for k in ("A_full", "A_task", "task_id", "task_id_total", "timings"):
-        prog[k] = prog[k][:1]
-    (out / "progress.json").write_text(json.dumps(prog))
-    (out / "checkpoints" / "task_001.safetensors").unlink()
+    truncate_run(out, 1)
     resumed = run(backbone, digits, out=out, method="softtf", n_tasks=2, **settings)
     assert resumed["heads"] == res["heads"] and resumed["task_id_matrix"] == res["task_id_matrix"]
 

@@ -21,13 +21,7 @@ TASKS = {
 NAMES = ["news:sport", "news:world", "reviews:1", "reviews:2", "reviews:3", "topics:art", "topics:science"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2-core CI boxes shared with other jobs: one thread avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class VocabTokenizer:

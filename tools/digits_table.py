@@ -22,7 +22,7 @@ import sys
 from softtf.cli import main as softtf_main
 from softtf.cl.seeds import seed_directory
 
-BASE = ["--model", "vit", "--data", "digits", "--tasks", "5", "--pretrain-epochs", "8", "--no-progress"]
+BASE = ["--model", "vit", "--data", "digits", "--tasks", "5", "--pretrain-epochs", "8", "--no-progress", "--threads", "1"]
 # (row label, flags); same-budget baselines: LoRA rank and adapter bottleneck matched to the masks
 ROWS = [
     ("finetune / none", ["--method", "finetune", "--task-id", "none"]),
@@ -45,7 +45,7 @@ ROWS = [
 
 
 def slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
+    return "-".join("".join(c if c.isalnum() else " " for c in label).split())
 
 
 def cell(stat: dict, scale: float = 1.0, digits: int = 1) -> str:
