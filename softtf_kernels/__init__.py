@@ -1,9 +1,11 @@
-"""softtf_kernels: the fused masked-linear ops of softtf, registered as ``torch.ops.softtf.*``.
+"""softtf_kernels: the fused masked-linear ops and the (NoRGa-gated) prefix attention of softtf,
+registered as ``torch.ops.softtf.*``.
 
 Importing this package loads the compiled extension (schemas + C++ kernels) and registers the
-Python dispatch, fake kernels and autograd of every op of the op table (table.py). Callers use
-the typed functions of :mod:`softtf_kernels.ops` (``superposed_linear`` included). The package
-knows nothing about tasks, models or training.
+Python dispatch, fake kernels and autograd of every op of the op table (table.py), defining the
+schemas of the ops the table declares in Python (prefix attention). Callers use the typed
+functions of :mod:`softtf_kernels.ops` (``superposed_linear`` and ``prefix_attention``
+included). The package knows nothing about tasks, models or training.
 """
 from __future__ import annotations
 

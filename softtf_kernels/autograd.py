@@ -77,3 +77,21 @@ def mixed_task_linear_backward(ctx, dy: Tensor):
         xb = as_samples(x).to(acc)
         dm = (torch.einsum("bt,bno,bni->toi", onehot, dyb, xb) * weight.to(acc)).to(masks.dtype)
     return (dx, dw, dm, None, _bias_grad(ctx, dy, 4))[: len(ctx.needs_input_grad)]
+
+
+# ---------------------------------------------------------------- prefix_attention_forward
+def prefix_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, prefix_k, prefix_v, alpha, tau, activation = inputs[:8]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, alpha, tau, out, lse)
+    ctx.activation = activation
+    ctx.scale = inputs[8] if len(inputs) > 8 else None
+    ctx.mark_non_differentiable(lse)
+
+
+def prefix_attention_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    # lse is non-differentiable (an auxiliary output for the backward); one fused backward op gives
+    # all seven gradients (the kernels compute them in the same passes).
+    grads = ops.prefix_attention_backward(grad_out, *ctx.saved_tensors, ctx.activation, ctx.scale)
+    needs = ctx.needs_input_grad
+    return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None, None)[: len(needs) - 7]

@@ -7,8 +7,11 @@ overridden inside ``with use_backend(name):`` blocks. ``use_backend`` is scoped 
 in it), so overlapping blocks in two threads never leak into each other or into the default.
 
 - ``auto``      CPU tensors -> C++ CPU kernel; CUDA tensors -> Triton, else CUDA C++ if built.
-- ``cpp``       the C++ CPU kernel (CPU tensors only).
+- ``cpp``       the C++ CPU kernel (CPU tensors only). For the ops defined from Python (the
+                attention ops, table.PYTHON_NAMES) that is cpu_attention.py over ATen's C++
+                flash attention.
 - ``cuda``      the CUDA C++ kernel (CUDA tensors only; the extension must have been built with CUDA).
+                The Python-defined ops have none (their CUDA kernel is Triton): naming it raises.
 - ``triton``    the Triton kernel (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1).
 - ``reference`` the pure-PyTorch oracle on any device.
 
@@ -26,8 +29,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import reference
+from . import cpu_attention, reference
 from . import triton as triton_ops
+from .table import PYTHON_NAMES
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
@@ -79,7 +83,7 @@ def _has_kernel(op: str, key: str) -> bool:
 
 
 def cpp_available(op: str = "masked_linear") -> bool:
-    return _has_kernel(f"_cpp_{op}", "CPU")
+    return op in cpu_attention.__all__ or _has_kernel(f"_cpp_{op}", "CPU")
 
 
 def cuda_available(op: str = "masked_linear") -> bool:
@@ -156,6 +160,9 @@ def choose(op: str, device: torch.device, setting: str, dtypes: tuple[torch.dtyp
     if name == "cuda":
         if device_type != "cuda":
             raise RuntimeError(f"softtf.{op}: backend 'cuda' runs CUDA tensors only, got {device} tensors")
+        if op in PYTHON_NAMES:
+            raise RuntimeError(f"softtf.{op}: has no CUDA C++ kernel (its CUDA kernel is Triton); "
+                               "use backend 'triton' or 'auto'")
         if not cuda_available(op):
             raise RuntimeError(
                 f"softtf.{op}: softtf_kernels._C was built without CUDA kernels for this op "
@@ -185,6 +192,8 @@ def implementation(op: str, name: str) -> Callable:
         return getattr(reference, op)
     if name == "triton":
         return getattr(triton_ops, op)
+    if name == "cpp" and op in cpu_attention.__all__:
+        return getattr(cpu_attention, op)
     return getattr(torch.ops.softtf, f"_{name}_{op}")  # _cpp_<op> / _cuda_<op>
 
 

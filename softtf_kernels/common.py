@@ -34,3 +34,29 @@ def as_rows(t: Tensor) -> Tensor:
 def as_samples(t: Tensor) -> Tensor:
     """``t [B, ..., F]`` as ``[B, tokens per sample, F]``, valid for B = 0 and F = 0 too."""
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+# ---------------------------------------------------------------- prefix attention (NoRGa gate)
+GATES = ("none", "sigmoid", "tanh", "gelu")
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def attention_scale(q: Tensor, scale: float | None) -> float:
+    """The score scale: ``scale``, or D^-0.5 for q [..., D] when None (as SDPA)."""
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def gate_activation(z: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """NoRGa's σ and its derivative σ' at z, for activation "sigmoid", "tanh" or "gelu" (the exact
+    erf GELU of torch.nn.GELU()). The gated prefix score is s + α·σ(τ·s)."""
+    if activation == "sigmoid":
+        a = torch.sigmoid(z)
+        return a, a * (1 - a)
+    if activation == "tanh":
+        a = torch.tanh(z)
+        return a, 1 - a * a
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * _SQRT1_2))
+        return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    raise ValueError(f"gate activation must be one of {', '.join(GATES[1:])}; got {activation!r}")

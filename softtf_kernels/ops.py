@@ -48,6 +48,9 @@ __all__ = [
     "mask_mixture_grad",
     "mixed_task_linear",
     "mixed_task_linear_grad_input",
+    "prefix_attention_forward",
+    "prefix_attention_backward",
+    "prefix_attention",
     "superposed_linear",
 ]
 
@@ -82,6 +85,41 @@ def mixed_task_linear(x: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor
 def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor) -> Tensor:
     """dx_b = dy_b (W ⊙ M_{task_ids[b]})."""
     return torch.ops.softtf.mixed_task_linear_grad_input(grad_out, weight, masks, task_ids)
+
+
+def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, alpha: Tensor,
+                             tau: Tensor, activation: str, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse) of :func:`prefix_attention`; lse [B, H, N] is the row log-sum-exp (fp32, fp64 for
+    fp64 inputs) over all P + N columns, kept for the backward."""
+    return torch.ops.softtf.prefix_attention_forward(q, k, v, prefix_k, prefix_v, alpha, tau, activation, scale)
+
+
+def prefix_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                              alpha: Tensor, tau: Tensor, out: Tensor, lse: Tensor, activation: str,
+                              scale: float | None = None) -> tuple[Tensor, ...]:
+    """(dq, dk, dv, dprefix_k, dprefix_v, dalpha, dtau) from the forward's out and lse."""
+    return torch.ops.softtf.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, alpha, tau, out, lse,
+                                                      activation, scale)
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, alpha: Tensor,
+                     tau: Tensor, activation: str, scale: float | None = None) -> Tensor:
+    """Attention with per-sample prefix keys/values and NoRGa's non-linear residual gate.
+
+    q, k, v [B, H, N, D] (N >= 1); prefix_k, prefix_v [B, H, P, D] (P >= 0, already selected per
+    sample); alpha, tau 0-dim tensors (shared by all heads); activation "none" (DualPrompt's
+    prefix tuning), "sigmoid", "tanh" or "gelu" (exact erf GELU); scale defaults to D^-0.5.
+    With s_p = scale q prefix_kᵀ, s_p' = s_p + alpha act(tau s_p) (s_p for "none") and
+    s_t = scale q kᵀ: out = softmax([s_p', s_t]) [prefix_v; v], in q's dtype. Differentiable in
+    q, k, v, prefix_k, prefix_v, alpha and tau.
+
+    Contract: q, k, v, prefix_k, prefix_v share one dtype (float32, bfloat16, float16, float64;
+    alpha / tau may have any of the four, their gradients come back in their own dtype) and one
+    device; any strides. Kernels: CPU = ATen's flash attention for the token part + the prefix
+    part, merged by log-sum-exp (softtf_kernels.cpu_attention, all four dtypes); CUDA = Triton
+    (fp32/fp16/bf16, D <= 256); float64 on CUDA, or backend "reference", = the materializing
+    reference."""
+    return torch.ops.softtf.prefix_attention(q, k, v, prefix_k, prefix_v, alpha, tau, activation, scale)
 
 
 # ---------------------------------------------------------------- composite ops

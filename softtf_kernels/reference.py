@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import acc_dtype, as_rows, as_samples
-from .table import NAMES
+from .common import acc_dtype, as_rows, as_samples, attention_scale, gate_activation
+from .table import ALL_NAMES
 
-__all__ = list(NAMES)  # one function per op of the table, each with the op's signature
+__all__ = list(ALL_NAMES)  # one function per op of the table, each with the op's signature
 
 
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -78,3 +78,69 @@ def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor
     wm = weight.to(acc).unsqueeze(0) * masks.to(acc)[task_ids.long()]
     dy = as_samples(grad_out).to(acc)
     return (dy @ wm).reshape(*grad_out.shape[:-1], weight.shape[1]).to(grad_out.dtype)
+
+
+# ---------------------------------------------------------------- prefix attention
+def _prefix_scores(q: Tensor, prefix_k: Tensor, alpha: Tensor, tau: Tensor, activation: str, sc: float):
+    """(raw prefix scores s, gated s', σ(τs), σ'(τs)) in the accumulation dtype; σ terms None for "none"."""
+    acc = acc_dtype(q.dtype)
+    s = sc * (q.to(acc) @ prefix_k.to(acc).transpose(-1, -2))
+    if activation == "none":
+        return s, s, None, None
+    a, da = gate_activation(tau.to(acc) * s, activation)
+    return s, s + alpha.to(acc) * a, a, da
+
+
+def _scores(q, k, prefix_k, alpha, tau, activation, sc):
+    acc = acc_dtype(q.dtype)
+    s_p, gated, a, da = _prefix_scores(q, prefix_k, alpha, tau, activation, sc)
+    s_t = sc * (q.to(acc) @ k.to(acc).transpose(-1, -2))
+    return torch.cat([gated, s_t], -1), s_p, a, da
+
+
+def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, alpha: Tensor,
+                             tau: Tensor, activation: str, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse): out = softmax([s_p', s_t]) [prefix_v; v], lse its row log-sum-exp [B, H, N].
+
+    s_p = scale q prefix_k^T, s_p' = s_p + alpha act(tau s_p) (s_p for "none"), s_t = scale q k^T.
+    The whole [N, P + N] score matrix is materialized, in fp32 (fp64 for fp64 inputs)."""
+    acc = acc_dtype(q.dtype)
+    s, *_ = _scores(q, k, prefix_k, alpha, tau, activation, attention_scale(q, scale))
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ torch.cat([prefix_v, v], -2).to(acc)
+    return out.to(q.dtype), lse
+
+
+def prefix_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                              alpha: Tensor, tau: Tensor, out: Tensor, lse: Tensor, activation: str,
+                              scale: float | None = None) -> tuple[Tensor, ...]:
+    """(dq, dk, dv, dprefix_k, dprefix_v, dalpha, dtau), each in its input's dtype.
+
+    The oracle recomputes the softmax from the inputs; ``out`` and ``lse`` (which the kernels
+    read) are taken for the op's signature only. With dS = P ⊙ (dO Vᵀ - rowsum(dO ⊙ O)) split into
+    the prefix part dS_p and the token part dS_t: dα = Σ dS_p σ(τs), dτ = Σ dS_p α σ'(τs) s, and
+    the raw prefix scores get dS_p (1 + α τ σ'(τs))."""
+    acc = acc_dtype(q.dtype)
+    sc = attention_scale(q, scale)
+    n_prefix = prefix_k.shape[-2]
+    s, s_p, a, da = _scores(q, k, prefix_k, alpha, tau, activation, sc)
+    p = torch.softmax(s, -1)
+    do = grad_out.to(acc)
+    dp = do @ torch.cat([prefix_v, v], -2).to(acc).transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    ds_p, ds_t = ds[..., :n_prefix], ds[..., n_prefix:]
+    if activation == "none":
+        dalpha = dtau = torch.zeros((), dtype=acc, device=q.device)
+    else:
+        al, ta = alpha.to(acc), tau.to(acc)
+        dalpha = (ds_p * a).sum()
+        dtau = (ds_p * al * da * s_p).sum()
+        ds_p = ds_p * (1 + al * ta * da)
+    qq = q.to(acc)
+    dq = sc * (ds_p @ prefix_k.to(acc) + ds_t @ k.to(acc))
+    dk = sc * ds_t.transpose(-1, -2) @ qq
+    dpk = sc * ds_p.transpose(-1, -2) @ qq
+    pt = p.transpose(-1, -2)
+    dpv, dv = pt[..., :n_prefix, :] @ do, pt[..., n_prefix:, :] @ do
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype),
+            dalpha.to(alpha.dtype), dtau.to(tau.dtype))

@@ -1,14 +1,15 @@
 """Python side of the ``softtf`` ops, derived from the op table (table.py): for every op a CPU/CUDA
 kernel that validates and runs the backend chosen for the call, a fake kernel for torch.compile /
-meta tensors, and the autograd formula where the op is differentiable. The schemas are defined by
-the compiled extension (csrc/ops.cpp), which must be loaded first."""
+meta tensors, and the autograd formula where the op is differentiable. The schemas of the C++-listed
+ops are defined by the compiled extension (csrc/ops.cpp), which must be loaded first; those of the
+Python-defined ops (``OpSpec.schema``) and of the composites are defined here."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from . import backend
-from .table import OPS, OpSpec
+from .table import COMPOSITES, OPS, Composite, OpSpec
 
 _lib = torch.library.Library("softtf", "FRAGMENT")
 
@@ -39,10 +40,24 @@ def _faking(spec: OpSpec):
     return fake
 
 
+def _output_of(comp: Composite):
+    def composite(*args):
+        return getattr(torch.ops.softtf, comp.of)(*args)[comp.output]
+
+    composite.__name__ = comp.name
+    return composite
+
+
 for _spec in OPS:
     _qualname = f"softtf::{_spec.name}"
+    if _spec.schema is not None:
+        _lib.define(f"{_spec.name}{_spec.schema}")
     torch.library.register_kernel(_qualname, ("cpu", "cuda"), _dispatching(_spec), lib=_lib)
     torch.library.register_fake(_qualname, _faking(_spec), lib=_lib)
     if _spec.autograd is not None:
         torch.library.register_autograd(_qualname, _spec.autograd.backward,
                                         setup_context=_spec.autograd.setup_context, lib=_lib)
+
+for _comp in COMPOSITES:
+    _lib.define(f"{_comp.name}{_comp.schema}")
+    _lib.impl(_comp.name, _output_of(_comp), "CompositeImplicitAutograd")

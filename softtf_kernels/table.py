@@ -2,9 +2,13 @@
 per-device kernels that choose a backend, the fake kernels and the autograd registration
 (registry.py), and the public names of ``reference`` and ``triton``.
 
-The schemas live in the C++ list csrc/ops.h (one X-macro entry per op, defined as
-``softtf::<op>``, ``softtf::_cpp_<op>`` and ``softtf::_cuda_<op>``); tests/test_op_table.py
-checks that the two lists, the backend modules and the typed wrappers of ops.py agree.
+The schemas of the masked-linear ops live in the C++ list csrc/op_list.h (one X-macro entry per
+op, defined as ``softtf::<op>``, ``softtf::_cpp_<op>`` and ``softtf::_cuda_<op>``). The attention
+ops have no C++ kernel of ours: their schemas are written here (``OpSpec.schema``) and defined
+from Python by registry.py; their CPU kernel (backend ``cpp``) is cpu_attention.py, over ATen's C++
+flash attention, their CUDA kernel is Triton. ``COMPOSITES`` are public ops that only return an
+output of a table op (CompositeImplicitAutograd). tests/test_op_table.py checks that the lists,
+the backend modules and the typed wrappers of ops.py agree.
 """
 from __future__ import annotations
 
@@ -36,6 +40,19 @@ class OpSpec:
     # An empty output of the right shape, dtype and device, for fake/meta tensors (no data read).
     fake: Callable[..., Tensor]
     autograd: Autograd | None = None
+    # None: declared in csrc/op_list.h with its per-backend ops _cpp_<op> / _cuda_<op>. Else the
+    # schema ("(args) -> outputs"), defined from Python; such an op has no per-backend ops.
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A public op defined from Python as output ``output`` of table op ``of`` (its autograd,
+    fake and backend choice are those of ``of``), like aten's scaled_dot_product_attention."""
+    name: str
+    schema: str
+    of: str
+    output: int
 
 
 def _with_last(t: Tensor, last: int) -> list[int]:
@@ -61,6 +78,17 @@ def _scores(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor, per_samp
     return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
 
+def _attention_out_and_lse(q: Tensor, *rest) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
+
+
+def _attention_grads(grad_out, q, k, v, prefix_k, prefix_v, alpha, tau, *rest) -> tuple[Tensor, ...]:
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v, alpha, tau))
+
+
+_ATTENTION_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor alpha, Tensor tau, "
+                   "str activation, float? scale=None")
+
 OPS: tuple[OpSpec, ...] = (
     OpSpec("masked_linear", (0, 1, 2, 3), validate.masked_linear, _out_features_like_input,
            Autograd(autograd.masked_linear_setup, autograd.masked_linear_backward)),
@@ -71,6 +99,24 @@ OPS: tuple[OpSpec, ...] = (
            Autograd(autograd.mixed_task_linear_setup, autograd.mixed_task_linear_backward)),
     OpSpec("mixed_task_linear_grad_input", (0, 1, 2), validate.mixed_task_linear_grad_input,
            _in_features_like_grad),
+    # NoRGa / DualPrompt prefix attention: q, k, v [B, H, N, D], prefix_k, prefix_v [B, H, P, D],
+    # alpha, tau 0-dim. forward -> (out [B, H, N, D], lse [B, H, N] fp32/fp64).
+    OpSpec("prefix_attention_forward", (0, 1, 2, 3, 4, 5, 6), validate.prefix_attention_forward,
+           _attention_out_and_lse,
+           Autograd(autograd.prefix_attention_setup, autograd.prefix_attention_backward),
+           schema=f"({_ATTENTION_ARGS}) -> (Tensor, Tensor)"),
+    OpSpec("prefix_attention_backward", tuple(range(10)), validate.prefix_attention_backward, _attention_grads,
+           schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor alpha, "
+                  "Tensor tau, Tensor out, Tensor lse, str activation, float? scale=None) "
+                  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"),
 )
 
-NAMES: tuple[str, ...] = tuple(spec.name for spec in OPS)
+COMPOSITES: tuple[Composite, ...] = (
+    Composite("prefix_attention", f"({_ATTENTION_ARGS}) -> Tensor", of="prefix_attention_forward", output=0),
+)
+
+ALL_NAMES: tuple[str, ...] = tuple(spec.name for spec in OPS)
+# The ops of the C++ list (what tests/test_fuzz_*.py draw cases for) and those defined from Python.
+NAMES: tuple[str, ...] = tuple(spec.name for spec in OPS if spec.schema is None)
+PYTHON_NAMES: tuple[str, ...] = tuple(spec.name for spec in OPS if spec.schema is not None)
+BY_NAME: dict[str, OpSpec] = {spec.name: spec for spec in OPS}

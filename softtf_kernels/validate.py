@@ -9,8 +9,12 @@ it so that the registry can call every check the same way.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from .common import GATES, acc_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -152,3 +156,71 @@ def mixed_task_linear_grad_input(grad_out, weight, masks, task_ids, *, check_val
     n_tasks = _masks(op, masks, weight)
     _task_ids(op, task_ids, grad_out.shape[0], n_tasks, check_values)
     _same_device(op, "weight", weight, grad_out=grad_out, masks=masks, task_ids=task_ids)
+
+
+# ---------------------------------------------------------------- prefix attention
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _same_dtype(op: str, ref: Tensor, **others: Tensor) -> None:
+    for name, t in others.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must equal q dtype {ref.dtype}")
+
+
+def _like_q(op: str, q: Tensor, **others: Tensor) -> None:
+    for name, t in others.items():
+        _float(op, name, t)
+        if t.shape != q.shape:
+            raise ValueError(f"{op}: {name} must have q's shape [B, H, N, D] = {_shape(q)}, got {_shape(t)}")
+
+
+def _prefix_attention_args(op, q, k, v, prefix_k, prefix_v, alpha, tau, activation, scale) -> None:
+    _float(op, "q", q)
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be 4-D [B, H, N, D], got shape {_shape(q)}")
+    b, h, n, d = q.shape
+    if n < 1:
+        raise ValueError(f"{op}: q must hold at least one token (N >= 1), got shape {_shape(q)}")
+    if d < 1:
+        raise ValueError(f"{op}: the head dim D must be >= 1, got q of shape {_shape(q)}")
+    _like_q(op, q, k=k, v=v)
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _float(op, name, t)
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d):
+            raise ValueError(f"{op}: {name} must have shape [B, H, P, D] = [{b}, {h}, P, {d}] (P >= 0 prefix "
+                             f"tokens, already selected per sample), got {_shape(t)}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"{op}: prefix_v must have prefix_k's shape {_shape(prefix_k)}, got {_shape(prefix_v)}")
+    _same_dtype(op, q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    for name, t in (("alpha", alpha), ("tau", tau)):
+        _float(op, name, t)
+        if t.dim() != 0:
+            raise ValueError(f"{op}: {name} must be a 0-dim tensor (one learned scalar shared by all heads), "
+                             f"got shape {_shape(t)}")
+    if not isinstance(activation, str) or activation not in GATES:
+        raise ValueError(f"{op}: activation must be one of {', '.join(GATES)}; got {activation!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be a finite float or None (D^-0.5), got {scale!r}")
+    _same_device(op, "q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, alpha=alpha, tau=tau)
+
+
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, alpha, tau, activation, scale=None, *,
+                             check_values: bool = True) -> None:
+    _prefix_attention_args("softtf.prefix_attention", q, k, v, prefix_k, prefix_v, alpha, tau, activation, scale)
+
+
+def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, alpha, tau, out, lse, activation, scale=None,
+                              *, check_values: bool = True) -> None:
+    op = "softtf.prefix_attention_backward"
+    _prefix_attention_args(op, q, k, v, prefix_k, prefix_v, alpha, tau, activation, scale)
+    _like_q(op, q, grad_out=grad_out, out=out)
+    _same_dtype(op, q, grad_out=grad_out, out=out)
+    _float(op, "lse", lse)
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"{op}: lse must have shape [B, H, N] = {_shape(q)[:3]}, got {_shape(lse)}")
+    if lse.dtype != acc_dtype(q.dtype):
+        raise TypeError(f"{op}: lse must be {acc_dtype(q.dtype)} (the forward's log-sum-exp), got {lse.dtype}")
+    _same_device(op, "q", q, grad_out=grad_out, out=out, lse=lse)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import softtf_kernels
-from softtf_kernels import backend, ops, reference, table, validate
+from softtf_kernels import backend, cpu_attention, ops, reference, table, validate
 from softtf_kernels import triton as triton_ops
 
 from helpers import assert_close_rel, rand, rand_mask
@@ -21,28 +21,42 @@ def _params(fn) -> list[str]:
     return [p.name for p in inspect.signature(fn).parameters.values() if p.kind != p.KEYWORD_ONLY]
 
 
+def _float_args(qualname: str) -> set[int]:
+    # Every float tensor argument and every dtype argument chooses the kernel (an fp64 one anywhere
+    # must route forward and backward alike to the reference); task_ids does not.
+    schema = getattr(torch.ops.softtf, qualname).default._schema.arguments
+    return {i for i, a in enumerate(schema)
+            if a.name == "mask_dtype" or (a.name != "task_ids" and str(a.type) in ("Tensor", "Tensor?", "Optional[Tensor]"))}
+
+
 def test_table_and_cpp_list_and_modules_agree():
-    names = table.NAMES
+    names = table.ALL_NAMES
     assert len(set(names)) == len(names) == len(table.OPS)
-    # The C++ list (csrc/op_list.h) defines each op three times, and nothing else.
+    assert sorted(table.NAMES + table.PYTHON_NAMES) == sorted(names)
+    composites = [c.name for c in table.COMPOSITES]
+    # The C++ list (csrc/op_list.h) defines each of its ops three times; the Python-defined ops and
+    # the composites are defined once (registry.py); nothing else is.
     defined = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("softtf::")}
-    assert defined == {f"{p}{n}" for n in names for p in ("", "_cpp_", "_cuda_")}
+    assert defined == ({f"{p}{n}" for n in table.NAMES for p in ("", "_cpp_", "_cuda_")}
+                       | set(table.PYTHON_NAMES) | set(composites))
     assert list(reference.__all__) == list(names)
     assert [n for n in triton_ops.__all__ if n in names] == list(names)
-    assert [n for n in ops.__all__ if n != "superposed_linear"] == list(names)
+    assert [n for n in ops.__all__ if n != "superposed_linear"] == list(names) + composites
     for spec in table.OPS:
         args = _schema_args(spec.name)
-        assert _schema_args(f"_cpp_{spec.name}") == args == _schema_args(f"_cuda_{spec.name}"), spec.name
+        if spec.schema is None:
+            assert _schema_args(f"_cpp_{spec.name}") == args == _schema_args(f"_cuda_{spec.name}"), spec.name
+        else:
+            assert str(getattr(torch.ops.softtf, spec.name).default._schema) == f"softtf::{spec.name}{spec.schema}"
         for module in (reference, ops, validate):
             assert _params(getattr(module, spec.name)) == args, (module.__name__, spec.name)
         assert spec.validate is getattr(validate, spec.name)
         assert all(i < len(args) for i in spec.dtype_args)
-        # Every float tensor argument and every dtype argument chooses the kernel (an fp64 one
-        # anywhere must route forward and backward alike to the reference); task_ids does not.
-        schema = getattr(torch.ops.softtf, spec.name).default._schema.arguments
-        float_args = {i for i, a in enumerate(schema)
-                      if a.name == "mask_dtype" or (a.name != "task_ids" and str(a.type) in ("Tensor", "Tensor?", "Optional[Tensor]"))}
-        assert set(spec.dtype_args) == float_args, (spec.name, spec.dtype_args, float_args)
+        assert set(spec.dtype_args) == _float_args(spec.name), (spec.name, spec.dtype_args)
+    for comp in table.COMPOSITES:
+        assert str(getattr(torch.ops.softtf, comp.name).default._schema) == f"softtf::{comp.name}{comp.schema}"
+        assert _schema_args(comp.name) == _schema_args(comp.of)
+        assert _params(getattr(ops, comp.name)) == _schema_args(comp.name)
 
 
 def test_every_op_has_its_kernels_fake_and_autograd_registered():
@@ -52,8 +66,12 @@ def test_every_op_has_its_kernels_fake_and_autograd_registered():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(q, key), (q, key)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(q, "Autograd") == (spec.autograd is not None), q
         assert softtf_kernels.cpp_available(spec.name), spec.name
-    # The CUDA kernels are built for every op or for none.
+    # The CUDA kernels are built for every op of the C++ list or for none; the Python-defined ops
+    # have none (their CUDA kernel is Triton).
     assert len({softtf_kernels.cuda_available(n) for n in table.NAMES}) == 1
+    assert not any(softtf_kernels.cuda_available(n) for n in table.PYTHON_NAMES)
+    for comp in table.COMPOSITES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"softtf::{comp.name}", "CompositeImplicitAutograd")
 
 
 def _sample_args(name, gen, device=None):
@@ -69,22 +87,48 @@ def _sample_args(name, gen, device=None):
         "mask_mixture_grad": (dy, x, w, masks, True),
         "mixed_task_linear": (x, w, masks, ids, b),
         "mixed_task_linear_grad_input": (dy, w, masks, ids),
-    }[name]
+    }.get(name) or _attention_args(name, gen)
     return tuple(a.to(device) if device is not None and isinstance(a, torch.Tensor) else a for a in args)
 
 
-@pytest.mark.parametrize("name", table.NAMES)
+def _attention_args(name, gen):
+    B, H, N, P, D = 2, 3, 5, 4, 6
+    q, k, v = (rand((B, H, N, D), torch.float32, gen) for _ in range(3))
+    pk, pv = rand((B, H, P, D), torch.float32, gen), rand((B, H, P, D), torch.float32, gen)
+    alpha, tau = torch.tensor(0.5), torch.tensor(1.5, dtype=torch.bfloat16)
+    if name == "prefix_attention_forward":
+        return (q, k, v, pk, pv, alpha, tau, "gelu", 0.3)
+    out, lse = reference.prefix_attention_forward(q, k, v, pk, pv, alpha, tau, "gelu", 0.3)
+    return (rand(q.shape, torch.float32, gen), q, k, v, pk, pv, alpha, tau, out, lse, "gelu", 0.3)
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("name", table.ALL_NAMES)
 def test_fake_output_matches_the_reference(gen, name):
-    expected = getattr(reference, name)(*_sample_args(name, gen))
-    out = getattr(torch.ops.softtf, name)(*_sample_args(name, gen, "meta"))
-    assert (out.device.type, out.shape, out.dtype) == ("meta", expected.shape, expected.dtype)
+    expected = _as_tuple(getattr(reference, name)(*_sample_args(name, gen)))
+    outs = _as_tuple(getattr(torch.ops.softtf, name)(*_sample_args(name, gen, "meta")))
+    assert len(outs) == len(expected)
+    for out, want in zip(outs, expected):
+        assert (out.device.type, out.shape, out.dtype) == ("meta", want.shape, want.dtype)
 
 
-@pytest.mark.parametrize("name", table.NAMES)
+@pytest.mark.parametrize("name", table.ALL_NAMES)
 def test_typed_wrappers_run_the_op(gen, name):
     args = _sample_args(name, gen)
     softtf_kernels.set_backend("reference")
-    assert torch.equal(getattr(ops, name)(*args), getattr(reference, name)(*args))
+    got, want = _as_tuple(getattr(ops, name)(*args)), _as_tuple(getattr(reference, name)(*args))
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_composite_returns_the_output_of_its_op(gen):
+    args = _sample_args("prefix_attention_forward", gen)
+    softtf_kernels.set_backend("reference")
+    assert torch.equal(ops.prefix_attention(*args), reference.prefix_attention_forward(*args)[0])
+    meta = ops.prefix_attention(*_sample_args("prefix_attention_forward", gen, "meta"))
+    assert (meta.device.type, meta.shape, meta.dtype) == ("meta", (2, 3, 5, 6), torch.float32)
 
 
 def test_backend_choice_is_cached_per_key_and_follows_set_backend(gen):
@@ -110,6 +154,26 @@ def test_backend_choice_is_cached_per_key_and_follows_set_backend(gen):
         for _ in range(2):
             with pytest.raises(RuntimeError, match=r"backend 'cuda' runs CUDA tensors only"):
                 backend.resolve("masked_linear", cpu, dtypes)
+
+
+def test_backend_choice_of_the_python_defined_ops():
+    """CPU: backend cpp is the ATen flash-attention composition (fp64 too, as for the C++ ops);
+    CUDA: Triton, fp64 -> reference; backend 'cuda' names a kernel these ops do not have."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for op in table.PYTHON_NAMES:
+        for dt in (torch.float32, torch.bfloat16, torch.float64):
+            assert backend.choose(op, cpu, "auto", (dt,) * 7, False) == "cpp"
+        assert backend.implementation(op, "cpp") is getattr(cpu_attention, op)
+        assert backend.implementation(op, "reference") is getattr(reference, op)
+        if backend.triton_available():
+            assert backend.choose(op, cuda, "auto", (torch.float16,) * 7, False) == "triton"
+            assert backend.choose(op, cuda, "triton", (torch.float32,) * 6 + (torch.float64,), False) == "reference"
+        assert backend.choose(op, cuda, "auto", (torch.float64,) * 7, False) == "reference"
+        with pytest.raises(RuntimeError, match=r"has no CUDA C\+\+ kernel \(its CUDA kernel is Triton\)"):
+            backend.choose(op, cuda, "cuda", (torch.float32,) * 7, False)
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' runs CUDA tensors only"):
+            backend.choose(op, cpu, "cuda", (torch.float32,) * 7, False)
+        assert "cpp" in softtf_kernels.available_backends("cpu", op)
 
 
 # ---------------------------------------------------------------- composite: superposed_linear

@@ -19,6 +19,9 @@
 - ``mixed_task_linear(x, weight, masks, task_ids, bias=None)`` and
   ``mixed_task_linear_grad_input(grad_out, weight, masks, task_ids)``: one launch over
   (sample, row tile, column tile); each program loads its sample's task id and uses that mask.
+- ``prefix_attention_forward`` / ``prefix_attention_backward`` (module ``prefix_attention``):
+  flash attention over the P prefix columns (NoRGa's gate fused into the score tile) and the N
+  token columns, online softmax, log-sum-exp out; backward recomputes the probabilities from it.
 
 Precision: fp16/bf16 operands go through tensor cores with fp32 accumulation (the masked
 weight tile is rounded once to the operand dtype). fp32 operands use ``input_precision="ieee"``
@@ -41,16 +44,16 @@ from __future__ import annotations
 
 import importlib
 
-from ..table import NAMES
+from ..table import ALL_NAMES, PYTHON_NAMES
 
 # One kernel per op of the table (signatures of the ops), plus the fp32 precision switch.
-__all__ = [*NAMES, "set_fp32_precision", "get_fp32_precision"]
+__all__ = [*ALL_NAMES, "set_fp32_precision", "get_fp32_precision"]
 
 
 def __getattr__(name: str):
     if name in __all__:
-        host = importlib.import_module(".host", __name__)
-        value = getattr(host, name)
+        module = importlib.import_module(".prefix_attention" if name in PYTHON_NAMES else ".host", __name__)
+        value = getattr(module, name)
         globals()[name] = value
         return value
     if name == "INTERPRET":
