@@ -1,6 +1,6 @@
 """The README's reproduction table: every method x task-inference mode x head on the bundled digits.
 
-    python tools/digits_table.py --output runs/table            # ~25 min on a 2-core CPU
+    python tools/digits_table.py --output runs/table            # ~25 min on a 2-core CPU (48 runs)
     python tools/digits_table.py --output runs/table --seeds 0  # one seed, a quick look
 
 Each row is one ``softtf train`` experiment (the README's digits command: 5 tasks, a small ViT
