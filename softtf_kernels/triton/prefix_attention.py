@@ -256,12 +256,26 @@ def _check(op: str, device: torch.device, head_dim: int, **tensors: Tensor) -> N
                          "(use the reference backend)")
 
 
-def _config(head_dim: int) -> dict:
+# (BLOCK_M, BLOCK_N, num_warps) per kernel, by operand width and padded head dim. Chosen with
+# ptxas (triton 3.8, sm_90 and sm_80, no GPU run): the largest tiles that compile without register
+# spills. fp32 ("ieee" FMA dots) needs small tiles; its dk/dv kernel still spills a little
+# (~70 bytes at D <= 128, ~2 KiB at D = 256) on every tile tried. Not timed on a GPU.
+_GPU_TILES = {  # (16-bit operands?, BLOCK_D cap) -> {kernel: (BLOCK_M, BLOCK_N, num_warps)}
+    (True, 64): {"fwd": (128, 64, 8), "kv": (32, 32, 8), "q": (64, 64, 8)},
+    (True, 128): {"fwd": (64, 64, 8), "kv": (32, 32, 8), "q": (32, 32, 8)},
+    (True, 256): {"fwd": (32, 32, 8), "kv": (32, 32, 8), "q": (32, 32, 8)},
+    (False, 64): {"fwd": (32, 32, 4), "kv": (16, 16, 8), "q": (32, 32, 4)},
+    (False, 128): {"fwd": (16, 16, 4), "kv": (16, 16, 8), "q": (16, 16, 4)},
+    (False, 256): {"fwd": (16, 16, 8), "kv": (16, 16, 8), "q": (16, 16, 8)},
+}
+
+
+def _config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if INTERPRET:  # small tiles: fast in numpy, and N, P = 17.. cover the tails
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
-    block = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8, num_stages=2)
+    bm, bn, warps = _GPU_TILES[(dtype != torch.float32, max(block_d, 64))][kernel]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2)
 
 
 def _strides(t: Tensor) -> tuple[int, ...]:
@@ -289,7 +303,7 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, 
     lse = new_output((b, h, n), torch.float32, q.device)
     if b * h == 0:
         return out, lse
-    cfg = _config(d)
+    cfg = _config("fwd", d, q.dtype)
     with _device_ctx(q):
         fwd_kernel[(b * h, triton.cdiv(n, cfg["BLOCK_M"]))](
             q, k, v, prefix_k, prefix_v, alpha, tau, out, lse,
@@ -312,30 +326,30 @@ def prefix_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     dalpha, dtau = torch.zeros_like(alpha), torch.zeros_like(tau)
     if b * h == 0:
         return (*(g.zero_() for g in grads), dalpha, dtau)
-    cfg = _config(d)
+    kv_cfg, q_cfg = _config("kv", d, q.dtype), _config("q", d, q.dtype)
     sc, act, precision = attention_scale(q, scale), _act(activation), _precision(q.dtype)
     lse = lse.contiguous()  # [B, H, N] fp32: read as rows bh * N + n
     delta = new_output((b, h, n), torch.float32, q.device)
-    m_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    p_blocks = triton.cdiv(n_prefix, cfg["BLOCK_N"])
+    m_blocks = triton.cdiv(n, q_cfg["BLOCK_M"])
+    p_blocks = triton.cdiv(n_prefix, kv_cfg["BLOCK_N"])
     part = new_output((b * h, max(p_blocks, 1), 2), torch.float32, q.device)
     with _device_ctx(q):
-        delta_kernel[(b * h, m_blocks)](out, grad_out, delta, h, n, d, *_strides(out), *_strides(grad_out),
-                                        BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
+        delta_kernel[(b * h, triton.cdiv(n, 16))](out, grad_out, delta, h, n, d, *_strides(out), *_strides(grad_out),
+                                                  BLOCK_M=16, BLOCK_D=q_cfg["BLOCK_D"])
         for kk, vv, dkk, dvv, length, gate in ((k, v, dk, dv, n, 0), (prefix_k, prefix_v, dpk, dpv, n_prefix, act)):
             if length == 0:
                 continue
-            bwd_kv_kernel[(b * h, triton.cdiv(length, cfg["BLOCK_N"]))](
+            bwd_kv_kernel[(b * h, triton.cdiv(length, kv_cfg["BLOCK_N"]))](
                 q, kk, vv, grad_out, lse, delta, alpha, tau, dkk, dvv, part,
                 h, n, length, d, sc, p_blocks,
                 *_strides(q), *_strides(kk), *_strides(vv), *_strides(grad_out),
-                ACT=gate, PRECISION=precision, **cfg,
+                ACT=gate, PRECISION=precision, **kv_cfg,
             )
         bwd_q_kernel[(b * h, m_blocks)](
             q, k, v, prefix_k, prefix_v, grad_out, lse, delta, alpha, tau, dq,
             h, n, n_prefix, d, sc,
             *_strides(q), *_strides(k), *_strides(v), *_strides(prefix_k), *_strides(prefix_v), *_strides(grad_out),
-            ACT=act, PRECISION=precision, **cfg,
+            ACT=act, PRECISION=precision, **q_cfg,
         )
     if act != 0 and n_prefix > 0:
         sums = part.sum((0, 1))
