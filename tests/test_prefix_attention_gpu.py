@@ -3,26 +3,15 @@ fp32, ViT-like shapes (197 tokens, prompt length 5 and 20, head dims 64, 80, 128
 inputs, and the op + autograd path. Skipped without CUDA. Like tests/test_triton_gpu.py, the
 kernels must be built for the GPU in this process (run the file on its own if a CPU-interpreter
 suite ran first)."""
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-COMPILED = False
-if CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1":
-    try:
-        import softtf_kernels.triton.prefix_attention as _P
+from triton_interpreter import gpu_compiled_marks  # noqa: E402
 
-        COMPILED = not _P.INTERPRET
-    except ImportError:  # triton missing
-        COMPILED = False
-
-pytestmark = [
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(CUDA and not COMPILED, reason="Triton kernels were built for the CPU interpreter "
-                       "in this process (or triton is missing); run this file on its own"),
-]
+pytestmark = gpu_compiled_marks("softtf_kernels.triton.prefix_attention")
+COMPILED = not any(mark.args[0] for mark in pytestmark)
+if COMPILED:
+    import softtf_kernels.triton.prefix_attention as _P
 
 import softtf_kernels  # noqa: E402
 from softtf_kernels import reference as R  # noqa: E402

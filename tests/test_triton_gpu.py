@@ -5,26 +5,13 @@ The kernels are built (decorated) at import here, before a CPU-interpreter test 
 same pytest process can set TRITON_INTERPRET=1; if that already happened, this module skips
 (run it on its own: ``pytest tests/test_triton_gpu.py``).
 """
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-COMPILED = False
-if CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1":
-    try:
-        import softtf_kernels.triton.kernels as _K
+from triton_interpreter import gpu_compiled_marks  # noqa: E402
 
-        COMPILED = not _K.INTERPRET
-    except ImportError:  # triton missing
-        COMPILED = False
-
-pytestmark = [
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(CUDA and not COMPILED, reason="Triton kernels were built for the CPU interpreter "
-                       "in this process (or triton is missing); run this file on its own"),
-]
+pytestmark = gpu_compiled_marks("softtf_kernels.triton.kernels")
+COMPILED = not any(mark.args[0] for mark in pytestmark)
 
 import softtf_kernels  # noqa: E402
 from softtf_kernels import reference as R  # noqa: E402

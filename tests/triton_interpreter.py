@@ -6,6 +6,7 @@ at ``import triton``, ours at import of the kernel module. Test modules call
 kernel module when it could be imported in interpreter mode (None otherwise: triton missing, or
 already loaded for a GPU, in which case the caller skips and reruns itself in a subprocess).
 """
+import importlib
 import importlib.util
 import os
 import sys
@@ -45,3 +46,24 @@ def rerun_under_interpreter(test_file: str) -> None:
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(test_file)))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def gpu_compiled_marks(module: str) -> list:
+    """``pytestmark`` of a GPU Triton suite: skip without CUDA, or when the kernel ``module`` was
+    built for the CPU interpreter in this process (or triton is missing). Importing it here, at
+    the suite's import, builds it for the GPU before an interpreter suite can set TRITON_INTERPRET."""
+    import pytest
+    import torch
+
+    cuda = torch.cuda.is_available()
+    compiled = False
+    if cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        try:
+            compiled = not importlib.import_module(module).INTERPRET
+        except ImportError:  # triton missing
+            compiled = False
+    return [
+        pytest.mark.skipif(not cuda, reason="needs a CUDA GPU"),
+        pytest.mark.skipif(cuda and not compiled, reason="Triton kernels were built for the CPU interpreter "
+                           "in this process (or triton is missing); run this file on its own"),
+    ]
