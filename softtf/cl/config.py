@@ -10,7 +10,7 @@ import torch
 from ..core.config import SoftConfig
 from ..methods import method_class, method_names
 
-__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES", "TASK_ID_INFO", "HEAD_MODES", "PROTOCOLS", "PROMPT_MODES", "CLASSES_PER_TASK", "protocol_settings",
+__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES", "TASK_ID_INFO", "HEAD_MODES", "PROTOCOLS", "PROMPT_MODES", "PROMPT_ACTIVATIONS", "CLASSES_PER_TASK", "protocol_settings",
            "task_id_label"]
 
 GROUPED = "batch-grouped: uses the test set's grouping by task"
@@ -34,6 +34,7 @@ PROMPT_MODES = ("prompt", "prompt-vote")
 HEAD_MODES = ("full", "task")  # argmax over every seen class | over the inferred task's classes
 CLASSES_PER_TASK = "classes-per-task"  # gradient_topk: C/T, the official code's top-k
 PROTOCOLS = ("default", "official")
+PROMPT_ACTIVATIONS = ("sigmoid", "tanh", "gelu")  # NoRGa's gate (softtf.prefix_attention's activations)
 
 
 def task_id_label(mode: str) -> str:
@@ -82,6 +83,9 @@ class RunConfig:
     ``protocol`` labels the preset the evaluation follows (:func:`protocol_settings`).
     ``lora_r`` / ``adapter_bottleneck`` may be ``"matched"``: the size at which the method trains
     as many parameters per task as Soft-TF's masks (the paper's same-budget comparison).
+    ``masks`` adds Soft-TF masks to a prompt method (l2p, dualprompt, norga) on ``soft_config``'s
+    layers (default: qkv + proj of the last 3 blocks, 9-11 of ViT-B); ``prompt_activation`` is
+    NoRGa's gate activation.
     """
 
     method: str = "softtf"
@@ -106,6 +110,8 @@ class RunConfig:
     lora_r: int | str = 8
     lora_alpha: float = 16.0
     adapter_bottleneck: int | str = 16
+    masks: bool = False
+    prompt_activation: str = "sigmoid"
     soft_config: dict | None = None  # SoftConfig.to_dict(); None: architecture defaults
     device: str = "cpu"
     progress: bool = True
@@ -115,7 +121,7 @@ class RunConfig:
             raise ValueError(f"RunConfig: method must be one of {method_names()}, got {self.method!r}")
         method = method_class(self.method)
         if self.task_id is None:
-            self.task_id = method.default_task_id
+            self.task_id = method.resolve_task_id(self)
         if self.task_id not in TASK_ID_MODES:
             raise ValueError(f"RunConfig: task_id must be one of {TASK_ID_MODES}, got {self.task_id!r}")
         allowed = method.task_id_modes
@@ -152,6 +158,11 @@ class RunConfig:
             raise ValueError(f"RunConfig: prompt_pool must be a bool, got {self.prompt_pool!r}")
         if self.prompt_pool and self.task_id not in PROMPT_MODES:
             raise ValueError(f"RunConfig: prompt_pool only applies to task_id in {PROMPT_MODES}, got {self.task_id!r}")
+        if not isinstance(self.masks, bool):
+            raise ValueError(f"RunConfig: masks must be a bool, got {self.masks!r}")
+        if self.prompt_activation not in PROMPT_ACTIVATIONS:
+            raise ValueError(f"RunConfig: prompt_activation must be one of {PROMPT_ACTIVATIONS}, got {self.prompt_activation!r}")
+        method.check_options(self)
         if self.soft_config is not None:
             SoftConfig.from_dict(self.soft_config)  # validates
         _check_device(self.device)

@@ -44,6 +44,9 @@ class MethodOptions(Protocol):
     lora_r: int | str  # an int or MATCHED
     lora_alpha: float
     adapter_bottleneck: int | str  # an int or MATCHED
+    task_id: str  # the run's task inference (methods that combine parts per task read it)
+    masks: bool  # prompt methods: add Soft-TF masks (``soft_config``'s layers)
+    prompt_activation: str  # NoRGa's gate activation
 
 
 class ContinualMethod:
@@ -57,6 +60,19 @@ class ContinualMethod:
     def __init__(self, classifier: nn.Module, options: MethodOptions):
         self.clf, self.options = classifier, options
         self.trained: list[str] = []
+
+    @classmethod
+    def resolve_task_id(cls, options: MethodOptions) -> str:
+        """The task inference a run uses when it names none (``default_task_id`` unless the
+        options change what the method needs)."""
+        return cls.default_task_id
+
+    @classmethod
+    def check_options(cls, options: MethodOptions) -> None:
+        """Refuse options the method cannot honour (``ValueError`` naming the option)."""
+        if getattr(options, "masks", False):
+            raise ValueError(f"RunConfig: masks=True (--masks) adds Soft-TF masks to a prompt method; "
+                             f"method {cls.name!r} is not one")
 
     # ---------------------------------------------------------------- training
     def begin_task(self, t: int, name: str) -> list[nn.Parameter]:
