@@ -9,7 +9,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("softtf", "softtf_kernels")
 # softtf's floors, bottom up; a module may import its own floor and the floors below it.
-FLOORS = ["softtf_kernels", "softtf.core", "softtf.inference", "softtf.methods", "softtf.cl", "softtf.bench", "softtf.cli"]
+FLOORS = ["softtf_kernels", "softtf.core", "softtf.prompts", "softtf.inference", "softtf.methods", "softtf.cl", "softtf.bench", "softtf.cli"]
 # Imported inside functions on purpose: optional or heavy packages only some commands need.
 LAZY_OK = {"matplotlib", "peft", "PIL", "sklearn", "timm", "torch", "tqdm", "transformers", "triton"}
 MAX_LINES = 450

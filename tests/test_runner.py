@@ -66,7 +66,8 @@ def truncate_run(out, finished):
     n = len(prog["A_full"])
     prog["finished_tasks"] = finished
     for k in ("A_full", "A_task", "task_id", "task_id_total", "timings"):
-        prog[k] = prog[k][:finished]
+        if k in prog:  # a run without task inference has no A_task
+            prog[k] = prog[k][:finished]
     (out / "progress.json").write_text(json.dumps(prog))
     for t in range(finished, n):
         (out / "checkpoints" / f"task_{t:03d}.safetensors").unlink()
