@@ -1,6 +1,6 @@
 """The README's reproduction table: every method x task-inference mode x head on the bundled digits.
 
-    python tools/digits_table.py --output runs/table            # ~25 min on a 2-core CPU (48 runs)
+    python tools/digits_table.py --output runs/table            # ~40 min on a 2-core CPU (66 runs)
     python tools/digits_table.py --output runs/table --seeds 0  # one seed, a quick look
 
 Each row is one ``softtf train`` experiment (the README's digits command: 5 tasks, a small ViT
@@ -41,6 +41,13 @@ ROWS = [
     ("adapter matched / oracle", ["--method", "adapter", "--adapter-bottleneck", "matched", "--task-id", "oracle"]),
     ("adapter matched / prompt", ["--method", "adapter", "--adapter-bottleneck", "matched", "--task-id", "prompt"]),
     ("adapter matched / prompt-vote", ["--method", "adapter", "--adapter-bottleneck", "matched", "--task-id", "prompt-vote"]),
+    # the prompt family, alone and with Soft-TF masks on the last 3 blocks (--masks)
+    ("l2p / none", ["--method", "l2p", "--task-id", "none"]),
+    ("l2p + masks / prompt", ["--method", "l2p", "--masks", "--task-id", "prompt"]),
+    ("dualprompt / prompt", ["--method", "dualprompt", "--task-id", "prompt"]),
+    ("dualprompt + masks / prompt", ["--method", "dualprompt", "--masks", "--task-id", "prompt"]),
+    ("norga / prompt", ["--method", "norga", "--task-id", "prompt"]),
+    ("norga + masks / prompt", ["--method", "norga", "--masks", "--task-id", "prompt"]),
 ]
 
 
