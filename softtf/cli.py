@@ -40,7 +40,7 @@ import torch
 
 from . import bench
 from .cl import TASK_ID_MODES, RunConfig, load_data, pretrain, run_continual, text_task_files
-from .cl.config import CLASSES_PER_TASK, HEAD_MODES, PROTOCOLS, TASK_ID_INFO, protocol_settings
+from .cl.config import CLASSES_PER_TASK, HEAD_MODES, PROMPT_ACTIVATIONS, PROTOCOLS, TASK_ID_INFO, TII_COVARIANCES, protocol_settings
 from .cl.seeds import seed_directory, write_summary
 from .core import SoftConfig, load_tensors, save_tensors
 from .methods import method_class, method_names
@@ -89,8 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks", type=_positive_int, default=None,
                    help="number of tasks (default 5; textdir: the number of tasks in the folder, which it must equal)")
     t.add_argument("--method", choices=method_names(), default="softtf")
+    t.add_argument("--masks", action="store_true",
+                   help="prompt methods (l2p, dualprompt, norga): add Soft-TF masks (--layers/--target-modules; default qkv + proj "
+                        "of the last 3 blocks); the inferred task picks the E-prompt and the mask")
+    t.add_argument("--prompt-activation", choices=PROMPT_ACTIVATIONS, default="sigmoid",
+                   help="norga: the gate's activation (default sigmoid, the official Sup-21K scripts)")
     t.add_argument("--task-id", choices=TASK_ID_MODES, default=None,
-                   help=f"task inference at test time (default: prompt; finetune: none). {_TASK_ID_HELP}")
+                   help=f"task inference at test time (default: prompt; finetune and l2p: none; l2p --masks: prompt). {_TASK_ID_HELP}")
     t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
     t.add_argument("--epochs", type=_nonneg_int, default=20)
     t.add_argument("--batch-size", type=_positive_int, default=24)
@@ -126,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-key-init", choices=("normal", "uniform"), default=None, help="Prompt-ID keys N(0, 0.02^2) or U(-1, 1)")
     e.add_argument("--prompt-pool", action=argparse.BooleanOptionalAction, default=None,
                    help="create every task's Prompt-ID key up front and match against all of them, untrained ones too")
+    c = t.add_argument_group("task-identity classifier (--task-id classifier; HiDe-Prompt's defaults)")
+    c.add_argument("--tii-epochs", type=_nonneg_int, default=20, help="epochs on each task's pretrained features (default 20)")
+    c.add_argument("--tii-ca-epochs", type=_nonneg_int, default=30,
+                   help="epochs of alignment on Gaussian samples of every seen class, from task 2 on (default 30)")
+    c.add_argument("--tii-lr", type=_positive_float, default=None, help="Adam lr on the features (default 0.0005*batch_size/256)")
+    c.add_argument("--tii-ca-lr", type=_positive_float, default=None, help="SGD lr of the alignment (default 0.005*batch_size/256)")
+    c.add_argument("--tii-samples-per-class", type=_positive_int, default=None,
+                   help="Gaussian samples per class and alignment epoch (default: --batch-size)")
+    c.add_argument("--tii-covariance", choices=TII_COVARIANCES, default="full",
+                   help="class statistics: full covariance (default) or diagonal (d numbers per class instead of d^2)")
     t.add_argument("--lora-r", type=_size_or_matched, default=8, help="LoRA rank, or 'matched' (Soft-TF's parameters per task)")
     t.add_argument("--adapter-bottleneck", type=_size_or_matched, default=16,
                    help="bottleneck width of --method adapter, or 'matched' (Soft-TF's parameters per task)")
@@ -302,14 +317,15 @@ def _run_config(args, seed: int) -> RunConfig:
     soft_config = None
     if args.layers is not None or args.target_modules is not None:
         soft_config = SoftConfig(target_modules=args.target_modules, layers=args.layers).to_dict()
-    options = {"task_id": args.task_id or method_class(args.method).default_task_id}
+    options = {"task_id": args.task_id or method_class(args.method).resolve_task_id(args)}
     options.update(protocol_settings(args.protocol, options["task_id"]))
     options.update({field: getattr(args, flag) for flag, field in _EVAL_FLAGS.items() if getattr(args, flag) is not None})
     return RunConfig(
         method=args.method, n_tasks=args.tasks, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=seed, lora_r=args.lora_r,
-        adapter_bottleneck=args.adapter_bottleneck,
-        soft_config=soft_config, device=args.device, progress=not args.no_progress, **options,
+        adapter_bottleneck=args.adapter_bottleneck, masks=args.masks, prompt_activation=args.prompt_activation, tii_epochs=args.tii_epochs, tii_ca_epochs=args.tii_ca_epochs,
+        tii_lr=args.tii_lr, tii_ca_lr=args.tii_ca_lr, tii_samples_per_class=args.tii_samples_per_class,
+        tii_covariance=args.tii_covariance, soft_config=soft_config, device=args.device, progress=not args.no_progress, **options,
     )
 
 

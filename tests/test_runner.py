@@ -208,7 +208,7 @@ def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, mo
         ({"method": "ewc"}, r"method must be one of \('softtf', 'finetune', 'lora', 'adapter'\)"),
         ({"task_id": "psychic"}, "task_id must be one of"),
         ({"method": "finetune", "task_id": "gradient"}, r"method 'finetune' supports task_id in \('none', 'oracle'\)"),
-        ({"method": "lora", "task_id": "gradient-sample"}, r"method 'lora' supports task_id in \('oracle', 'prompt', 'prompt-vote'\)"),
+        ({"method": "lora", "task_id": "gradient-sample"}, r"method 'lora' supports task_id in \('oracle', 'prompt', 'prompt-vote', 'classifier'\)"),
         ({"method": "softtf", "task_id": "none"}, "method 'softtf' supports task_id in"),
         ({"epochs": -1}, "epochs must be an int >= 0"),
         ({"batch_size": 0}, "batch_size must be an int >= 1"),

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from ..core.config import SoftConfig
+from ..inference.task_classifier import COVARIANCES
 from ..methods import method_class, method_names
 
-__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES", "TASK_ID_INFO", "HEAD_MODES", "PROTOCOLS", "PROMPT_MODES", "PROMPT_ACTIVATIONS", "CLASSES_PER_TASK", "protocol_settings",
+__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES", "TASK_ID_INFO", "HEAD_MODES", "PROTOCOLS", "PROMPT_MODES", "PROMPT_ACTIVATIONS", "CLASSES_PER_TASK", "TII_COVARIANCES",
+           "protocol_settings",
            "task_id_label"]
 
 GROUPED = "batch-grouped: uses the test set's grouping by task"
@@ -27,6 +29,9 @@ TASK_ID_INFO = {
                           "batch (the paper's rule)"),
     "gradient-sample": ("per sample", "Gradient ID, each sample its own scores"),
     "gradient-binary": ("per sample", "Gradient ID, SupSup's binary search per sample"),
+    "classifier": ("per sample", "task-identity classifier (HiDe-Prompt / NoRGa): an MLP on the pretrained model's feature "
+                                 "predicts the class among every seen class, trained per task with old classes drawn from "
+                                 "Gaussian class statistics; the task is that class's task"),
 }
 TASK_ID_MODES = tuple(TASK_ID_INFO)
 GRADIENT_RULES = {"gradient": "batch", "gradient-sample": "sample", "gradient-binary": "binary-sample"}
@@ -35,6 +40,7 @@ HEAD_MODES = ("full", "task")  # argmax over every seen class | over the inferre
 CLASSES_PER_TASK = "classes-per-task"  # gradient_topk: C/T, the official code's top-k
 PROTOCOLS = ("default", "official")
 PROMPT_ACTIVATIONS = ("sigmoid", "tanh", "gelu")  # NoRGa's gate (softtf.prefix_attention's activations)
+TII_COVARIANCES = COVARIANCES  # class statistics of task_id "classifier" (softtf.inference.TaskClassifier)
 
 
 def task_id_label(mode: str) -> str:
@@ -86,6 +92,10 @@ class RunConfig:
     ``masks`` adds Soft-TF masks to a prompt method (l2p, dualprompt, norga) on ``soft_config``'s
     layers (default: qkv + proj of the last 3 blocks, 9-11 of ViT-B); ``prompt_activation`` is
     NoRGa's gate activation.
+    ``tii_*`` configure ``task_id="classifier"`` (:class:`softtf.inference.TaskClassifier`, HiDe-Prompt's
+    defaults): ``tii_epochs`` on the task's features, ``tii_ca_epochs`` of alignment on Gaussian samples,
+    ``tii_lr`` (None: ``0.0005 * batch_size / 256``), ``tii_ca_lr`` (None: ``0.005 * batch_size / 256``),
+    ``tii_samples_per_class`` (None: ``batch_size``), ``tii_covariance`` (``full`` | ``diagonal``).
     """
 
     method: str = "softtf"
@@ -112,6 +122,12 @@ class RunConfig:
     adapter_bottleneck: int | str = 16
     masks: bool = False
     prompt_activation: str = "sigmoid"
+    tii_epochs: int = 20
+    tii_ca_epochs: int = 30
+    tii_lr: float | None = None
+    tii_ca_lr: float | None = None
+    tii_samples_per_class: int | None = None
+    tii_covariance: str = "full"
     soft_config: dict | None = None  # SoftConfig.to_dict(); None: architecture defaults
     device: str = "cpu"
     progress: bool = True
@@ -127,12 +143,18 @@ class RunConfig:
         allowed = method.task_id_modes
         if self.task_id not in allowed:
             raise ValueError(f"RunConfig: method {self.method!r} supports task_id in {allowed}, got {self.task_id!r}")
-        for name in ("n_tasks", "epochs", "batch_size", "eval_batch_size", "k_shot", "lora_r", "adapter_bottleneck"):
+        for name in ("n_tasks", "epochs", "batch_size", "eval_batch_size", "k_shot", "lora_r", "adapter_bottleneck",
+                     "tii_epochs", "tii_ca_epochs", "tii_samples_per_class"):
             v = getattr(self, name)
-            if name in ("lora_r", "adapter_bottleneck") and v == "matched":
+            if (name in ("lora_r", "adapter_bottleneck") and v == "matched") or (name == "tii_samples_per_class" and v is None):
                 continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "epochs" else 1):
-                raise ValueError(f"RunConfig: {name} must be an int >= {0 if name == 'epochs' else 1}, got {v!r}")
+            low = 0 if name in ("epochs", "tii_epochs", "tii_ca_epochs") else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"RunConfig: {name} must be an int >= {low}, got {v!r}")
+        for name in ("tii_lr", "tii_ca_lr"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v))):
+                raise ValueError(f"RunConfig: {name} must be None or a positive finite number, got {v!r}")
         if self.lr is None:
             self.lr = 0.03 * self.batch_size / 256
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
@@ -149,7 +171,8 @@ class RunConfig:
         if k is not None and k != CLASSES_PER_TASK and (not isinstance(k, int) or isinstance(k, bool) or k < 2):
             raise ValueError(f"RunConfig: gradient_topk must be None, an int >= 2 or {CLASSES_PER_TASK!r}, got {k!r}")
         for name, allowed in (("head", HEAD_MODES), ("gradient_logits", ("seen", "all")),
-                              ("prompt_key_init", ("normal", "uniform")), ("protocol", PROTOCOLS)):
+                              ("prompt_key_init", ("normal", "uniform")), ("protocol", PROTOCOLS),
+                              ("tii_covariance", TII_COVARIANCES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RunConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.head == "task" and self.task_id == "none":

@@ -11,7 +11,10 @@ which modes decide per sample and which use the test set's grouping by task):
 * ``gradient``        Gradient ID, the paper's k-shot rule: scores from the first ``k_shot`` samples
                       of a test batch applied to the whole batch (batch-grouped);
 * ``gradient-sample`` Gradient ID per sample;
-* ``gradient-binary`` SupSup's binary search (keep tasks with g <= median, repeat), per sample.
+* ``gradient-binary`` SupSup's binary search (keep tasks with g <= median, repeat), per sample;
+* ``classifier``      the task-identity classifier (HiDe-Prompt / NoRGa) on the pretrained model's
+                      feature, per sample (:mod:`softtf.inference.task_classifier`; the run fits it
+                      after each task, :mod:`softtf.cl.tii`).
 
 Both heads are scored in the same pass: ``full`` (argmax over every class seen so far) and, with
 task inference, ``task`` (argmax over the inferred task's classes). With a Prompt-ID pool
@@ -29,18 +32,29 @@ from torch import Tensor
 
 from ..core.batch import batch_size, take_rows, to_device
 from ..inference.prompt_id import PromptID
+from ..inference.task_classifier import TaskClassifier
 from ..methods.base import ContinualMethod
 from .config import CLASSES_PER_TASK, GRADIENT_RULES, RunConfig
 from .loaders import make_loader, progress_bar
 from .results import Tallies
 from .scenario import ClassIncrementalScenario
 
-__all__ = ["Prediction", "predict", "infer_task_index", "evaluate_after_task", "classifier_features", "gradient_topk"]
+__all__ = ["Prediction", "predict", "infer_task_index", "evaluate_after_task", "classifier_features", "pretrained_features",
+           "gradient_topk", "TaskModel"]
+
+TaskModel = PromptID | TaskClassifier | None  # what a run's task inference holds: Prompt-ID keys, the TII classifier or nothing
 
 
 def classifier_features(model, inputs) -> Tensor:
     """Prompt-ID feature of the run's classifier (its backbone's feature, head excluded)."""
     return model.features(inputs)
+
+
+def pretrained_features(method: ContinualMethod, inputs) -> Tensor:
+    """The Prompt-ID query feature without grad: the classifier's feature as the pretrained network
+    (``method.pretrained()``), the input of the task-identity classifier."""
+    with torch.no_grad(), method.pretrained():
+        return classifier_features(method.clf, inputs).detach()
 
 
 @dataclass
@@ -60,10 +74,11 @@ def gradient_topk(cfg: RunConfig, scenario: ClassIncrementalScenario, n_logits: 
     return None if k is None else min(k, n_logits)
 
 
-def infer_task_index(method: ContinualMethod, pid: PromptID | None, scenario: ClassIncrementalScenario, cfg: RunConfig,
+def infer_task_index(method: ContinualMethod, pid: TaskModel, scenario: ClassIncrementalScenario, cfg: RunConfig,
                      x, j: int, tasks: list[str], seen: Tensor) -> Tensor | None:
     """Task indices [B] (CPU, scenario order) for a test batch of task ``j``; None for ``none``.
 
+    ``pid``: the run's Prompt-ID keys (prompt modes) or its :class:`TaskClassifier` (``classifier``).
     With a Prompt-ID pool the indices may point past ``tasks`` (a key of a task not learned yet)."""
     mode, n = cfg.task_id, batch_size(x)
     if mode == "none":
@@ -75,6 +90,10 @@ def infer_task_index(method: ContinualMethod, pid: PromptID | None, scenario: Cl
         n_logits = method.clf.num_classes if cfg.gradient_logits == "all" else len(seen)
         return method.infer_tasks(x, tasks, lambda inputs: method.clf(inputs)[:, head], GRADIENT_RULES[mode],
                                   cfg.k_shot, gradient_topk(cfg, scenario, n_logits)).cpu()
+    if mode == "classifier":
+        if pid.tasks != tasks:
+            raise ValueError(f"task_id 'classifier': the classifier learned tasks {pid.tasks}, evaluation expects {tasks}")
+        return pid.predict(pretrained_features(method, x)).cpu()
     with torch.no_grad():
         candidates = pid.tasks if cfg.prompt_pool else tasks
         choice = pid.predict(pid.query(method.clf, x, classifier_features, method.pretrained), candidates).cpu()
@@ -83,7 +102,7 @@ def infer_task_index(method: ContinualMethod, pid: PromptID | None, scenario: Cl
     return choice
 
 
-def predict(method: ContinualMethod, pid: PromptID | None, scenario: ClassIncrementalScenario, cfg: RunConfig,
+def predict(method: ContinualMethod, pid: TaskModel, scenario: ClassIncrementalScenario, cfg: RunConfig,
             x, j: int, tasks: list[str], seen: Tensor) -> Prediction:
     """Predictions for a test batch of task ``j`` after learning ``tasks`` (``seen``: their classes)."""
     tidx = infer_task_index(method, pid, scenario, cfg, x, j, tasks, seen)
@@ -124,7 +143,7 @@ def _task_logits(method: ContinualMethod, x, tidx: Tensor, tasks: list[str]) -> 
     return out
 
 
-def evaluate_after_task(method: ContinualMethod, pid: PromptID | None, scenario: ClassIncrementalScenario,
+def evaluate_after_task(method: ContinualMethod, pid: TaskModel, scenario: ClassIncrementalScenario,
                         test_set, cfg: RunConfig, t: int, tallies: Tallies) -> None:
     """Fill row ``t`` of the tallies: accuracy under both heads (and task-id counts) on every seen task."""
     device = torch.device(cfg.device)

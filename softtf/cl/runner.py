@@ -37,6 +37,7 @@ from .loaders import make_loader, progress_bar
 from .results import RunResult, Tallies, json_safe
 from .run_dir import RunDirectory
 from .scenario import ClassIncrementalScenario, scenario_for
+from .tii import fit_task_classifier, make_task_classifier, restore_task_classifier, task_classifier_extras
 
 __all__ = ["ContinualRun", "run_continual", "fingerprint"]
 
@@ -53,7 +54,8 @@ def fingerprint(module: nn.Module) -> str:
 
 
 class ContinualRun:
-    """One run: the classifier, the method, Prompt-ID keys (when used) and the tallies."""
+    """One run: the classifier, the method, Prompt-ID keys or the task-identity classifier (when
+    used: ``pid``, ``tii``) and the tallies."""
 
     def __init__(self, backbone: nn.Module, data: LabelledData, cfg: RunConfig,
                  scenario: ClassIncrementalScenario, directory: RunDirectory | None, extra_info: dict | None):
@@ -68,9 +70,11 @@ class ContinualRun:
             self.pid = PromptID(self.clf.feature_dim, lam=cfg.prompt_lambda, init=cfg.prompt_key_init)
             for t in range(cfg.n_tasks if cfg.prompt_pool else 0):  # the official pool: every key up front
                 self.pid.add_key(scenario.task_name(t), trainable=False)
+        self.tii = make_task_classifier(cfg, self.clf.feature_dim, data.num_classes) if cfg.task_id == "classifier" else None
         self.clf.to(self.device)
-        if self.pid is not None:
-            self.pid.to(self.device)
+        for part in (self.pid, self.tii):
+            if part is not None:
+                part.to(self.device)
         self.tallies = Tallies(cfg.n_tasks, ("full",) if cfg.task_id == "none" else ("full", "task"))
         base = self.clf.backbone.model if isinstance(self.clf.backbone, SoftModel) else self.clf.backbone
         self.run_info = json_safe({
@@ -130,12 +134,15 @@ class ContinualRun:
         self.method.end_task(t, name)
         if pid is not None:
             pid.freeze_key(name)
+        if self.tii is not None:  # HiDe-Prompt's task-identity classifier learns the task from the frozen features
+            fit_task_classifier(self.tii, self.method, train_set, cfg, t, name)
         return time.perf_counter() - t0, (float(np.mean(losses[-10:])) if losses else None)
 
     def evaluate(self, t: int) -> float:
         """Evaluate every seen task after task ``t``; returns the seconds it took."""
         t1 = time.perf_counter()
-        evaluate_after_task(self.method, self.pid, self.scenario, self.data.test, self.cfg, t, self.tallies)
+        task_model = self.pid if self.tii is None else self.tii
+        evaluate_after_task(self.method, task_model, self.scenario, self.data.test, self.cfg, t, self.tallies)
         return time.perf_counter() - t1
 
     def checkpoint(self, t: int) -> None:
@@ -145,6 +152,8 @@ class ContinualRun:
         extra = {"head.weight": self.clf.head.weight, "head.bias": self.clf.head.bias}
         if self.pid is not None:
             extra.update({f"prompt_key.{k}": v for k, v in self.pid.keys.items()})
+        if self.tii is not None:
+            extra.update(task_classifier_extras(self.tii))
         self.method.save(self.directory.checkpoint(t), extra)
         self.directory.write_progress(self.tallies.progress(t + 1))
 
@@ -172,6 +181,8 @@ class ContinualRun:
                 if t not in self.pid.keys:
                     self.pid.add_key(t, device=self.device, trainable=False)
                 restore_tensor(extras, k, self.pid.keys[t], path)
+        if self.tii is not None:
+            restore_task_classifier(self.tii, extras, tasks, path)
 
 
 def run_continual(

@@ -123,7 +123,7 @@ class AdapterMethod(ContinualMethod):
     """One bottleneck adapter per task on every Soft-TF target layer; old adapters frozen."""
 
     name = "adapter"
-    task_id_modes = ("oracle", "prompt", "prompt-vote")
+    task_id_modes = ("oracle", "prompt", "prompt-vote", "classifier")
 
     def __init__(self, classifier, options):
         super().__init__(classifier, options)

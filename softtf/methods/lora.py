@@ -20,7 +20,7 @@ __all__ = ["LoRAMethod"]
 @register
 class LoRAMethod(ContinualMethod):
     name = "lora"
-    task_id_modes = ("oracle", "prompt", "prompt-vote")
+    task_id_modes = ("oracle", "prompt", "prompt-vote", "classifier")
 
     def __init__(self, classifier, options):
         super().__init__(classifier, options)

@@ -16,7 +16,7 @@ __all__ = ["SoftTFMethod"]
 @register
 class SoftTFMethod(ContinualMethod):
     name = "softtf"
-    task_id_modes = ("oracle", "prompt", "prompt-vote", "gradient", "gradient-sample", "gradient-binary")
+    task_id_modes = ("oracle", "prompt", "prompt-vote", "gradient", "gradient-sample", "gradient-binary", "classifier")
 
     def __init__(self, classifier, options):
         super().__init__(classifier, options)
