@@ -1,9 +1,9 @@
 """Task-identity inference (TII) by a classifier on the pretrained model's feature.
 
 HiDe-Prompt's task-identity inference (thu-ml/HiDe-Prompt, ``engines/hide_tii_engine.py``), which
-NoRGa uses unchanged (Minhchuyentoancbn/MoE_PromptCL, ``engines/norga_tii_engine.py``): a small
-MLP on the frozen model's [CLS] feature predicts the *class* of a sample among every class seen so
-far; the task of that class is the inferred task. After each task ``t``:
+NoRGa's code keeps (Minhchuyentoancbn/MoE_PromptCL, ``engines/norga_tii_engine.py``, same
+training): a small MLP on the frozen model's [CLS] feature predicts the *class* of a sample among
+every class seen so far; the task of that class is the inferred task. After each task ``t``:
 
 1. the MLP is trained on the features of task ``t``'s training data, logits of classes outside
    task ``t`` set to ``-inf`` (their ``train_one_epoch`` with ``train_mask``): Adam, lr
