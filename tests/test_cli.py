@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from softtf.cli import main
+from softtf.cli import _run_config, build_parser, main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,3 +226,23 @@ def test_protocol_official_flags(tmp_path, capsys):
     assert (cfg["protocol"], cfg["k_shot"], cfg["gradient_topk"], cfg["gradient_logits"], cfg["head"]) == (
         "official", 7, "classes-per-task", "all", "full")
     assert cfg["eval_batch_size"] == 30  # an explicit flag wins over the preset
+
+
+def test_prompt_method_flags(tmp_path, capsys):
+    """--masks and --prompt-activation reach the run; l2p --masks defaults to Prompt ID."""
+    args = base_args(
+        tmp_path, "--tasks", "2", "--epochs", "1", "--img-size", "16", "--patch-size", "4", "--depth", "2",
+        "--embed-dim", "32", "--method", "norga", "--masks", "--prompt-activation", "tanh", "--threads", "1",
+    )
+    assert main(args) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (res["run_config"]["masks"], res["run_config"]["prompt_activation"], res["task_id_mode"]) == (True, "tanh", "prompt")
+    assert res["method_info"]["activation"] == "tanh" and res["method_info"]["mask_layers"]
+    parser_args = build_parser().parse_args(["train", "--model", "vit", "--data", "digits", "--output", "x", "--method", "l2p", "--masks"])
+    parser_args.tasks = 5  # main() fills it in from the data
+    assert _run_config(parser_args, 0).task_id == "prompt"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(base_args(tmp_path / "b", "--epochs", "0", "--depth", "2", "--img-size", "16", "--patch-size", "4",
+                       "--method", "softtf", "--masks"))
+    assert exc.value.code == 2 and "masks=True (--masks)" in capsys.readouterr().err

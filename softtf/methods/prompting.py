@@ -25,7 +25,7 @@ from .base import EXTRA_PREFIX, ContinualMethod, checkpoint_extras
 
 __all__ = ["PromptMethod", "PROMPT_TASK_ID_MODES", "METHOD_PREFIX"]
 
-PROMPT_TASK_ID_MODES = ("oracle", "prompt", "prompt-vote")
+PROMPT_TASK_ID_MODES = ("oracle", "prompt", "prompt-vote", "classifier")
 METHOD_PREFIX = "prompt::"  # checkpoint keys of the method's prompt tensors
 
 
