@@ -40,7 +40,8 @@ import torch
 
 from . import bench
 from .cl import TASK_ID_MODES, RunConfig, load_data, pretrain, run_continual, text_task_files
-from .cl.config import CLASSES_PER_TASK, HEAD_MODES, PROMPT_ACTIVATIONS, PROTOCOLS, TASK_ID_INFO, TII_COVARIANCES, protocol_settings
+from .cl.config import (CLASSES_PER_TASK, HEAD_MODES, PROMPT_ACTIVATIONS, PROTOCOLS, TASK_ID_INFO, TII_COVARIANCES, TRANSFER_METRICS,
+                        protocol_settings)
 from .cl.seeds import seed_directory, write_summary
 from .core import SoftConfig, load_tensors, save_tensors
 from .methods import method_class, method_names
@@ -144,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-r", type=_size_or_matched, default=8, help="LoRA rank, or 'matched' (Soft-TF's parameters per task)")
     t.add_argument("--adapter-bottleneck", type=_size_or_matched, default=16,
                    help="bottleneck width of --method adapter, or 'matched' (Soft-TF's parameters per task)")
+    sa = t.add_argument_group("SAPT (--method sapt; the official code's defaults) and its transfer metrics (every method)")
+    sa.add_argument("--sapt-r", type=_positive_int, default=4, help="LoRA rank of each task's block on q and v (default 4)")
+    sa.add_argument("--sapt-alpha", type=_positive_float, default=32.0, help="LoRA alpha; scaling alpha/r (default 32)")
+    sa.add_argument("--sapt-kl-ratio", type=_number(float, lambda v: v >= 0, "a number >= 0"), default=0.5,
+                    help="weight of the attentive reflection's KL term (default 0.5)")
+    sa.add_argument("--sapt-replay-size", type=_nonneg_int, default=32,
+                    help="training inputs stored per task and replayed for the reflection (default 32; 0: none)")
+    sa.add_argument("--reference-acc", default=None, metavar="FILE",
+                    help="JSON file of single-task accuracies (%%) for FWT: a list in task order or {task name: acc}")
+    sa.add_argument("--transfer-metrics", choices=TRANSFER_METRICS, default="paper",
+                    help="paper: FWT against --reference-acc, BWT over T-1 tasks; official: SAPT score.py's "
+                         "(FWT = mean diagonal - 50.94, BWT over all T tasks)")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
 
@@ -312,6 +325,25 @@ _EVAL_FLAGS = {"head": "head", "eval_batch_size": "eval_batch_size", "k_shot": "
                "gradient_logits": "gradient_logits", "prompt_key_init": "prompt_key_init", "prompt_pool": "prompt_pool"}
 
 
+def _reference_acc(args) -> list | None:
+    """``--reference-acc FILE``: a JSON list (task order) or ``{task name: accuracy}`` -> a list."""
+    if args.reference_acc is None:
+        return None
+    try:
+        with open(args.reference_acc) as fh:
+            ref = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--reference-acc {args.reference_acc!r} is not a readable JSON file ({exc})") from None
+    if isinstance(ref, dict):
+        names = ([n for n, _ in text_task_files(args.data[len("textdir:"):], args.task_order)] if args.data.startswith("textdir:")
+                 else [f"task{t}" for t in range(args.tasks)])
+        missing = [n for n in names if n not in ref]
+        if missing:
+            raise CliError(f"--reference-acc {args.reference_acc!r} has no accuracy for tasks {missing} (it has {sorted(ref)})")
+        ref = [ref[n] for n in names]
+    return ref
+
+
 def _run_config(args, seed: int) -> RunConfig:
     """The RunConfig of one seed: the --protocol preset, then every evaluation flag given explicitly."""
     soft_config = None
@@ -325,7 +357,9 @@ def _run_config(args, seed: int) -> RunConfig:
         batch_size=args.batch_size, lr=args.lr, seed=seed, lora_r=args.lora_r,
         adapter_bottleneck=args.adapter_bottleneck, masks=args.masks, prompt_activation=args.prompt_activation, tii_epochs=args.tii_epochs, tii_ca_epochs=args.tii_ca_epochs,
         tii_lr=args.tii_lr, tii_ca_lr=args.tii_ca_lr, tii_samples_per_class=args.tii_samples_per_class,
-        tii_covariance=args.tii_covariance, soft_config=soft_config, device=args.device, progress=not args.no_progress, **options,
+        tii_covariance=args.tii_covariance, sapt_r=args.sapt_r, sapt_alpha=args.sapt_alpha, sapt_kl_ratio=args.sapt_kl_ratio,
+        sapt_replay_size=args.sapt_replay_size, reference_acc=_reference_acc(args), transfer_metrics=args.transfer_metrics,
+        soft_config=soft_config, device=args.device, progress=not args.no_progress, **options,
     )
 
 

@@ -11,7 +11,7 @@ from ..core.config import SoftConfig
 from ..inference.task_classifier import COVARIANCES
 from ..methods import method_class, method_names
 
-__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES", "TASK_ID_INFO", "HEAD_MODES", "PROTOCOLS", "PROMPT_MODES", "PROMPT_ACTIVATIONS", "CLASSES_PER_TASK", "TII_COVARIANCES",
+__all__ = ["RunConfig", "TASK_ID_MODES", "GRADIENT_RULES", "TASK_ID_INFO", "HEAD_MODES", "PROTOCOLS", "PROMPT_MODES", "PROMPT_ACTIVATIONS", "CLASSES_PER_TASK", "TII_COVARIANCES", "TRANSFER_METRICS",
            "protocol_settings",
            "task_id_label"]
 
@@ -40,6 +40,7 @@ HEAD_MODES = ("full", "task")  # argmax over every seen class | over the inferre
 CLASSES_PER_TASK = "classes-per-task"  # gradient_topk: C/T, the official code's top-k
 PROTOCOLS = ("default", "official")
 PROMPT_ACTIVATIONS = ("sigmoid", "tanh", "gelu")  # NoRGa's gate (softtf.prefix_attention's activations)
+TRANSFER_METRICS = ("paper", "official")  # FWT / BWT as SAPT's paper defines them | as its score.py computes them
 TII_COVARIANCES = COVARIANCES  # class statistics of task_id "classifier" (softtf.inference.TaskClassifier)
 
 
@@ -96,6 +97,12 @@ class RunConfig:
     defaults): ``tii_epochs`` on the task's features, ``tii_ca_epochs`` of alignment on Gaussian samples,
     ``tii_lr`` (None: ``0.0005 * batch_size / 256``), ``tii_ca_lr`` (None: ``0.005 * batch_size / 256``),
     ``tii_samples_per_class`` (None: ``batch_size``), ``tii_covariance`` (``full`` | ``diagonal``).
+    ``sapt_*`` configure ``method="sapt"`` (the official SAPT code's defaults): LoRA rank ``sapt_r`` and
+    ``sapt_alpha`` (scaling alpha/r) on q and v, ``sapt_kl_ratio`` of the attentive reflection, and
+    ``sapt_replay_size`` stored training inputs per task replayed for it (0: no buffer).
+    ``reference_acc``: single-task accuracy of each task (task order, the unit of the accuracy matrix),
+    for SAPT's FWT; ``transfer_metrics`` (``paper`` | ``official``): FWT / BWT as the SAPT paper
+    defines them or as its score.py computes them (:func:`softtf.cl.metrics.transfer_summary`).
     """
 
     method: str = "softtf"
@@ -128,6 +135,12 @@ class RunConfig:
     tii_ca_lr: float | None = None
     tii_samples_per_class: int | None = None
     tii_covariance: str = "full"
+    sapt_r: int = 4
+    sapt_alpha: float = 32.0
+    sapt_kl_ratio: float = 0.5
+    sapt_replay_size: int = 32
+    reference_acc: list | None = None
+    transfer_metrics: str = "paper"
     soft_config: dict | None = None  # SoftConfig.to_dict(); None: architecture defaults
     device: str = "cpu"
     progress: bool = True
@@ -144,11 +157,11 @@ class RunConfig:
         if self.task_id not in allowed:
             raise ValueError(f"RunConfig: method {self.method!r} supports task_id in {allowed}, got {self.task_id!r}")
         for name in ("n_tasks", "epochs", "batch_size", "eval_batch_size", "k_shot", "lora_r", "adapter_bottleneck",
-                     "tii_epochs", "tii_ca_epochs", "tii_samples_per_class"):
+                     "tii_epochs", "tii_ca_epochs", "tii_samples_per_class", "sapt_r", "sapt_replay_size"):
             v = getattr(self, name)
             if (name in ("lora_r", "adapter_bottleneck") and v == "matched") or (name == "tii_samples_per_class" and v is None):
                 continue
-            low = 0 if name in ("epochs", "tii_epochs", "tii_ca_epochs") else 1
+            low = 0 if name in ("epochs", "tii_epochs", "tii_ca_epochs", "sapt_replay_size") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"RunConfig: {name} must be an int >= {low}, got {v!r}")
         for name in ("tii_lr", "tii_ca_lr"):
@@ -185,18 +198,37 @@ class RunConfig:
             raise ValueError(f"RunConfig: masks must be a bool, got {self.masks!r}")
         if self.prompt_activation not in PROMPT_ACTIVATIONS:
             raise ValueError(f"RunConfig: prompt_activation must be one of {PROMPT_ACTIVATIONS}, got {self.prompt_activation!r}")
+        self._check_sapt_and_transfer()
         method.check_options(self)
         if self.soft_config is not None:
             SoftConfig.from_dict(self.soft_config)  # validates
         _check_device(self.device)
+
+    def _check_sapt_and_transfer(self) -> None:
+        for name, zero_ok in (("sapt_alpha", False), ("sapt_kl_ratio", True)):
+            v = getattr(self, name)
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or v < 0 or (v == 0 and not zero_ok)):
+                raise ValueError(f"RunConfig: {name} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {v!r}")
+            setattr(self, name, float(v))
+        if self.transfer_metrics not in TRANSFER_METRICS:
+            raise ValueError(f"RunConfig: transfer_metrics must be one of {TRANSFER_METRICS}, got {self.transfer_metrics!r}")
+        ref = self.reference_acc
+        if ref is not None:
+            if (isinstance(ref, (str, bytes, dict)) or not hasattr(ref, "__len__") or len(ref) != self.n_tasks
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in ref)):
+                raise ValueError(f"RunConfig: reference_acc must be None or {self.n_tasks} finite numbers (single-task "
+                                 f"accuracy of each task, in task order), got {ref!r}")
+            self.reference_acc = [float(v) for v in ref]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
 
-    # fields that may change between a run and its resumption
-    RESUME_FREE = ("progress", "device")
+    # fields that may change between a run and its resumption (the transfer metrics only read the
+    # accuracy matrix: re-running a finished run with a reference rewrites results.json with FWT)
+    RESUME_FREE = ("progress", "device", "reference_acc", "transfer_metrics")
 
 
 def _check_device(device: str) -> None:

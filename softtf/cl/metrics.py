@@ -14,6 +14,12 @@ writes tasks 1..n). Entries with ``j > i`` (tasks not seen yet) are ``NaN`` and 
 * task-id accuracy: fraction of test samples whose inferred task equals their true task
   (per sample), or the mean over tasks of each task's fraction (per task, the official code's).
 
+SAPT's names (Zhao et al. 2024; :func:`transfer_summary`): AP = final ACC; F.Ra = standard
+forgetting; FWT = ``mean_j (A[j, j] - R[j])`` against the accuracy ``R[j]`` of a single-task run
+of task j; BWT as above. Its score.py instead subtracts a hard-coded 50.94 for FWT (the single-task
+scores it loads are unused) and averages BWT over all T tasks, the last one's 0 included
+(``variant="official"``).
+
 All functions take accuracies in whatever unit the matrix uses (the runner uses percent).
 """
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Sequence
 import numpy as np
 
 FORGETTING_VARIANTS = ("standard", "official")
+TRANSFER_VARIANTS = ("paper", "official")
+OFFICIAL_FWT_CONSTANT = 50.94  # what circle-hit/SAPT score.py subtracts from the mean diagonal
 
 # What each metric of a summary means (written into results.json beside the numbers).
 DEFINITIONS = {
@@ -33,6 +41,13 @@ DEFINITIONS = {
                            "each task clamped at 0 (the Soft-TF / L2P code)",
     "bwt": "mean_{j<T-1} (A[T-1, j] - A[j, j]): backward transfer over the first T-1 tasks",
     "task_id_accuracy": "fraction of test samples (all tasks, after the last task) whose inferred task is right",
+    "sapt.AP": "SAPT's average performance: the final ACC, mean_{j<=T-1} A[T-1, j]",
+    "sapt.F.Ra": "SAPT's forgetting rate: mean_{j<T-1} (max_{j<=i<T-1} A[i, j] - A[T-1, j]) (= forgetting)",
+    "sapt.FWT": "forward transfer: mean_{j<=T-1} (A[j, j] - R[j]), R[j] = accuracy of a single-task run of task j "
+                "(RunConfig.reference_acc; None without it)",
+    "sapt.BWT": "backward transfer: mean_{j<T-1} (A[T-1, j] - A[j, j]) (= bwt)",
+    "sapt.FWT (official)": "circle-hit/SAPT score.py: mean_{j<=T-1} A[j, j] - 50.94 (a hard-coded constant)",
+    "sapt.BWT (official)": "circle-hit/SAPT score.py: mean_{j<=T-1} (A[T-1, j] - A[j, j]), the last task's 0 included",
     "task_id_accuracy_per_task": "mean over tasks of each task's fraction of right task inferences, after the last "
                                  "task (the official code's average)",
 }
@@ -45,6 +60,11 @@ __all__ = [
     "task_id_accuracy",
     "task_id_accuracy_per_task",
     "summarize",
+    "forward_transfer",
+    "backward_transfer_official",
+    "transfer_summary",
+    "OFFICIAL_FWT_CONSTANT",
+    "TRANSFER_VARIANTS",
     "FORGETTING_VARIANTS",
     "DEFINITIONS",
 ]
@@ -98,6 +118,43 @@ def backward_transfer(A) -> float:
     if n == 1:
         return math.nan
     return float(np.mean([A[n - 1, j] - A[j, j] for j in range(n - 1)]))
+
+
+def forward_transfer(A, reference: Sequence[float] | None = None, variant: str = "paper") -> float | None:
+    """``mean_j (A[j, j] - reference[j])`` (``"paper"``; None without a reference) or
+    ``mean_j A[j, j] - 50.94`` (``"official"``, circle-hit/SAPT score.py)."""
+    if variant not in TRANSFER_VARIANTS:
+        raise ValueError(f"forward_transfer: variant must be one of {TRANSFER_VARIANTS}, got {variant!r}")
+    A = accuracy_matrix(A)
+    diag = np.diag(A)
+    if variant == "official":
+        return float(np.mean(diag) - OFFICIAL_FWT_CONSTANT)
+    if reference is None:
+        return None
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+    if ref.shape != diag.shape or not np.isfinite(ref).all():
+        raise ValueError(f"forward_transfer: reference must hold {diag.size} finite accuracies (one per task), got {list(ref)}")
+    return float(np.mean(diag - ref))
+
+
+def backward_transfer_official(A) -> float:
+    """``mean_{j<=n-1} (A[n-1, j] - A[j, j])``: circle-hit/SAPT score.py's BWT, averaged over all n
+    tasks (the last term is 0), i.e. ``(n-1)/n`` times :func:`backward_transfer`."""
+    A = accuracy_matrix(A)
+    n = A.shape[0]
+    return float(np.mean([A[n - 1, j] - A[j, j] for j in range(n)]))
+
+
+def transfer_summary(A, reference: Sequence[float] | None = None, variant: str = "paper") -> dict:
+    """SAPT's four metrics: ``{"AP", "F.Ra", "FWT", "BWT", "variant"}`` (None where undefined).
+    ``"paper"``: FWT against the single-task ``reference``, BWT over the first T-1 tasks;
+    ``"official"``: score.py's FWT (minus 50.94) and BWT (over all T)."""
+    if variant not in TRANSFER_VARIANTS:
+        raise ValueError(f"transfer_summary: variant must be one of {TRANSFER_VARIANTS}, got {variant!r}")
+    A = accuracy_matrix(A)
+    bwt = backward_transfer_official(A) if variant == "official" else _none_if_nan(backward_transfer(A))
+    return {"AP": average_accuracy(A), "F.Ra": _none_if_nan(forgetting(A)), "FWT": forward_transfer(A, reference, variant),
+            "BWT": bwt, "variant": variant}
 
 
 def task_id_accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:

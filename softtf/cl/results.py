@@ -67,8 +67,13 @@ class Tallies:
 
     def record(self, head: str, labels: dict, run_info: dict) -> dict:
         """The ``results.json`` record: ``labels`` (method, modes), the summary of ``head``, every
-        head's summary under ``heads``, task-id accuracies, definitions, ``run_info``."""
-        per_head = {h: metrics.summarize(a) for h, a in self.A.items()}
+        head's summary under ``heads``, task-id accuracies, definitions, ``run_info``. Each summary
+        carries SAPT's AP / F.Ra / FWT / BWT under ``sapt`` (FWT against ``run_config.reference_acc``,
+        the variant ``run_config.transfer_metrics``)."""
+        cfg = run_info.get("run_config", {})
+        per_head = {h: {**metrics.summarize(a),
+                        "sapt": metrics.transfer_summary(a, cfg.get("reference_acc"), cfg.get("transfer_metrics", "paper"))}
+                    for h, a in self.A.items()}
         out = {
             **labels,
             "head": head,
