@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -183,6 +184,51 @@ inline void check_mixed_task_linear_grad_input(const char* op, const at::Tensor&
   check_batched(op, "grad_out", grad_out, weight.size(0));
   check_masks(op, masks, weight, k);
   check_task_ids(op, task_ids, grad_out.size(0), weight, k);
+}
+
+// routed_lora: x [B, ..., in], lora_a [T, r, in], lora_b [T, out, r] (x's dtype), weights [B, T]
+// (any float dtype), scaling finite. The LoRA factors play weight's part in the device checks.
+inline void check_routed_lora(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& weights, double scaling,
+                              const KernelTarget& k) {
+  check_device_type(op, "lora_a", lora_a, k);
+  check_float(op, "lora_a", lora_a.scalar_type(), k);
+  TORCH_CHECK(lora_a.dim() == 3, op, ": lora_a must be 3-D [T, r, in], got shape ", lora_a.sizes());
+  TORCH_CHECK(lora_a.size(0) > 0, op, ": lora_a must hold at least one task, got shape ",
+              lora_a.sizes());
+  const int64_t n_tasks = lora_a.size(0), rank = lora_a.size(1), in_f = lora_a.size(2);
+  check_device(op, "x", x, lora_a, k);
+  check_float(op, "x", x.scalar_type(), k);
+  TORCH_CHECK(x.dim() >= 2 && x.size(-1) == in_f, op, ": x must have shape [B, ..., ", in_f,
+              "] (lora_a.shape[2]), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == lora_a.scalar_type(), op, ": x dtype ", x.scalar_type(),
+              " must equal lora_a dtype ", lora_a.scalar_type());
+  check_device(op, "lora_b", lora_b, lora_a, k);
+  check_float(op, "lora_b", lora_b.scalar_type(), k);
+  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(0) == n_tasks && lora_b.size(2) == rank, op,
+              ": lora_b must have shape [", n_tasks, ", out, ", rank, "], got ", lora_b.sizes());
+  TORCH_CHECK(lora_b.scalar_type() == lora_a.scalar_type(), op, ": lora_b dtype ",
+              lora_b.scalar_type(), " must equal lora_a dtype ", lora_a.scalar_type());
+  check_device(op, "weights", weights, lora_a, k);
+  check_float(op, "weights", weights.scalar_type(), k);
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == x.size(0) && weights.size(1) == n_tasks, op,
+              ": weights must have shape [", x.size(0), ", ", n_tasks, "] (one row per sample), got ",
+              weights.sizes());
+  TORCH_CHECK(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
+}
+
+inline void check_routed_lora_backward(const char* op, const at::Tensor& grad_out,
+                                       const at::Tensor& x, const at::Tensor& lora_a,
+                                       const at::Tensor& lora_b, const at::Tensor& weights,
+                                       double scaling, const KernelTarget& k) {
+  check_routed_lora(op, x, lora_a, lora_b, weights, scaling, k);
+  check_device(op, "grad_out", grad_out, lora_a, k);
+  TORCH_CHECK(grad_out.dim() == x.dim() && grad_out.size(-1) == lora_b.size(1), op,
+              ": grad_out must have shape [B, ..., ", lora_b.size(1), "] (lora_b.shape[1]), got ",
+              grad_out.sizes());
+  check_same_leading(op, grad_out, x);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ",
+              grad_out.scalar_type(), " must equal x dtype ", x.scalar_type());
 }
 
 // ------------------------------------------------------------------ outputs

@@ -17,4 +17,9 @@
   X(mixed_task_linear,                                                                          \
     "(Tensor x, Tensor weight, Tensor masks, Tensor task_ids, Tensor? bias=None) -> Tensor")    \
   X(mixed_task_linear_grad_input,                                                               \
-    "(Tensor grad_out, Tensor weight, Tensor masks, Tensor task_ids) -> Tensor")
+    "(Tensor grad_out, Tensor weight, Tensor masks, Tensor task_ids) -> Tensor")                \
+  X(routed_lora,                                                                                \
+    "(Tensor x, Tensor lora_a, Tensor lora_b, Tensor weights, float scaling) -> Tensor")        \
+  X(routed_lora_backward,                                                                       \
+    "(Tensor grad_out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor weights, float scaling) " \
+    "-> (Tensor, Tensor, Tensor, Tensor)")

@@ -79,6 +79,23 @@ def mixed_task_linear_backward(ctx, dy: Tensor):
     return (dx, dw, dm, None, _bias_grad(ctx, dy, 4))[: len(ctx.needs_input_grad)]
 
 
+# ---------------------------------------------------------------- routed_lora
+def routed_lora_setup(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, weights, scaling = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, weights)
+    ctx.scaling = scaling
+
+
+def routed_lora_backward(ctx, dy: Tensor):
+    # One fused backward op gives all four gradients (they share the two [tokens, T·r] GEMMs
+    # x A_catᵀ and dy B_cat); those not needed are dropped.
+    needs = ctx.needs_input_grad
+    if not any(needs[:4]):
+        return (None,) * len(needs)
+    grads = ops.routed_lora_backward(dy, *ctx.saved_tensors, ctx.scaling)
+    return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None,)
+
+
 # ---------------------------------------------------------------- prefix_attention_forward
 def prefix_attention_setup(ctx, inputs, output) -> None:
     q, k, v, prefix_k, prefix_v, alpha, tau, activation = inputs[:8]

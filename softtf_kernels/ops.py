@@ -48,6 +48,8 @@ __all__ = [
     "mask_mixture_grad",
     "mixed_task_linear",
     "mixed_task_linear_grad_input",
+    "routed_lora",
+    "routed_lora_backward",
     "prefix_attention_forward",
     "prefix_attention_backward",
     "prefix_attention",
@@ -85,6 +87,34 @@ def mixed_task_linear(x: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor
 def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor) -> Tensor:
     """dx_b = dy_b (W ⊙ M_{task_ids[b]})."""
     return torch.ops.softtf.mixed_task_linear_grad_input(grad_out, weight, masks, task_ids)
+
+
+def routed_lora(x: Tensor, lora_a: Tensor, lora_b: Tensor, weights: Tensor, scaling: float) -> Tensor:
+    """SAPT's routed LoRA: y_b = Σ_t weights[b, t] · scaling · x_b A_tᵀ B_tᵀ, in x's dtype.
+
+    x [B, ..., in]; lora_a [T, r, in] (the T blocks' A, T >= 1); lora_b [T, out, r]; weights [B, T]
+    (one routing row per sample); scaling a finite float (PEFT's lora_alpha / r). Computed as one
+    rank-(T·r) LoRA, never as a loop over T nor as a per-sample [out, in] weight:
+    h = x A_catᵀ [tokens, T·r], each sample's rank chunks scaled by scaling · weights[b], then one
+    GEMM with B_cat [out, T·r]. Differentiable in x, lora_a, lora_b and weights (one fused backward
+    op, :func:`routed_lora_backward`; not twice differentiable).
+
+    Contract: x, lora_a, lora_b share one dtype (float32, bfloat16, float16, float64); weights may
+    have any of the four (its gradient comes back in its dtype); all on one device; any strides
+    (x is viewed as [tokens, in], copied only when its leading dims cannot merge; lora_b is
+    permuted into B_cat, a copy of out·T·r elements). Every dim may be 0 except T (B = 0, no
+    token, r = 0, in = 0 or out = 0 give an empty or zero result). Sums accumulate in fp32 (fp64
+    for fp64 inputs); the rank-space activations h are kept in fp32. Kernels: CPU = C++ (BLAS);
+    CUDA = Triton (default) or the C++ binding on cuBLAS; float64 on the GPU backends = the
+    reference."""
+    return torch.ops.softtf.routed_lora(x, lora_a, lora_b, weights, scaling)
+
+
+def routed_lora_backward(grad_out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, weights: Tensor,
+                         scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dlora_a, dlora_b, dweights) of :func:`routed_lora` for grad_out [B, ..., out], each in
+    its input's dtype and shape."""
+    return torch.ops.softtf.routed_lora_backward(grad_out, x, lora_a, lora_b, weights, scaling)
 
 
 def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, alpha: Tensor,

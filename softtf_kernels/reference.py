@@ -80,6 +80,39 @@ def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor
     return (dy @ wm).reshape(*grad_out.shape[:-1], weight.shape[1]).to(grad_out.dtype)
 
 
+# ---------------------------------------------------------------- routed LoRA (SAPT)
+def routed_lora(x: Tensor, lora_a: Tensor, lora_b: Tensor, weights: Tensor, scaling: float) -> Tensor:
+    """y_b = Σ_t weights[b, t] · scaling · x_b A_tᵀ B_tᵀ, written as the loop over the T blocks
+    (SAPT's official form), in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
+    acc = acc_dtype(x.dtype)
+    xx = as_samples(x).to(acc)  # [B, N, in]
+    a, b, w = lora_a.to(acc), lora_b.to(acc), weights.to(acc)
+    y = torch.zeros(*xx.shape[:2], b.shape[1], dtype=acc, device=x.device)
+    for t in range(a.shape[0]):
+        y = y + (w[:, t] * scaling)[:, None, None] * ((xx @ a[t].T) @ b[t].T)
+    return y.reshape(*x.shape[:-1], b.shape[1]).to(x.dtype)
+
+
+def routed_lora_backward(grad_out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, weights: Tensor,
+                         scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dlora_a, dlora_b, dweights) of :func:`routed_lora`, each in its input's dtype, by the
+    chain rule block by block: with h_t = x A_tᵀ and dg_t = dy B_t, dw[b, t] = s Σ dg_t ⊙ h_t,
+    dB_t = s Σ_b w_bt dy_bᵀ h_t, dA_t = s Σ_b w_bt dg_tᵀ x_b, dx = s Σ_t w_bt dg_t A_t."""
+    acc = acc_dtype(x.dtype)
+    xx, dy = as_samples(x).to(acc), as_samples(grad_out).to(acc)
+    a, b, w = lora_a.to(acc), lora_b.to(acc), weights.to(acc)
+    dx = torch.zeros_like(xx)
+    da, db, dw = torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(w)
+    for t in range(a.shape[0]):
+        h, dg = xx @ a[t].T, dy @ b[t]  # [B, N, r]
+        st = (w[:, t] * scaling)[:, None, None]
+        dw[:, t] = scaling * (dg * h).sum((1, 2))
+        db[t] = torch.einsum("bno,bnr->or", st * dy, h)
+        da[t] = torch.einsum("bnr,bni->ri", st * dg, xx)
+        dx = dx + (st * dg) @ a[t]
+    return (dx.reshape(x.shape).to(x.dtype), da.to(lora_a.dtype), db.to(lora_b.dtype), dw.to(weights.dtype))
+
+
 # ---------------------------------------------------------------- prefix attention
 def _prefix_scores(q: Tensor, prefix_k: Tensor, alpha: Tensor, tau: Tensor, activation: str, sc: float):
     """(raw prefix scores s, gated s', σ(τs), σ'(τs)) in the accumulation dtype; σ terms None for "none"."""

@@ -78,6 +78,14 @@ def _scores(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor, per_samp
     return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
 
+def _routed_lora_out(x: Tensor, lora_a: Tensor, lora_b: Tensor, *rest) -> Tensor:
+    return x.new_empty(_with_last(x, lora_b.shape[1]))
+
+
+def _routed_lora_grads(grad_out, x, lora_a, lora_b, weights, scaling) -> tuple[Tensor, ...]:
+    return tuple(t.new_empty(t.shape) for t in (x, lora_a, lora_b, weights))
+
+
 def _attention_out_and_lse(q: Tensor, *rest) -> tuple[Tensor, Tensor]:
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
 
@@ -99,6 +107,11 @@ OPS: tuple[OpSpec, ...] = (
            Autograd(autograd.mixed_task_linear_setup, autograd.mixed_task_linear_backward)),
     OpSpec("mixed_task_linear_grad_input", (0, 1, 2), validate.mixed_task_linear_grad_input,
            _in_features_like_grad),
+    # SAPT's routed LoRA: x [B, ..., in], lora_a [T, r, in], lora_b [T, out, r], weights [B, T],
+    # scaling -> y [B, ..., out]; backward -> (dx, dlora_a, dlora_b, dweights).
+    OpSpec("routed_lora", (0, 1, 2, 3), validate.routed_lora, _routed_lora_out,
+           Autograd(autograd.routed_lora_setup, autograd.routed_lora_backward)),
+    OpSpec("routed_lora_backward", (0, 1, 2, 3, 4), validate.routed_lora_backward, _routed_lora_grads),
     # NoRGa / DualPrompt prefix attention: q, k, v [B, H, N, D], prefix_k, prefix_v [B, H, P, D],
     # alpha, tau 0-dim. forward -> (out [B, H, N, D], lse [B, H, N] fp32/fp64).
     OpSpec("prefix_attention_forward", (0, 1, 2, 3, 4, 5, 6), validate.prefix_attention_forward,

@@ -158,6 +158,55 @@ def mixed_task_linear_grad_input(grad_out, weight, masks, task_ids, *, check_val
     _same_device(op, "weight", weight, grad_out=grad_out, masks=masks, task_ids=task_ids)
 
 
+# ---------------------------------------------------------------- routed LoRA (SAPT)
+def _scaling(op: str, scaling) -> None:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"{op}: scaling must be a finite float, got {scaling!r}")
+
+
+def _routed_lora_args(op: str, x, lora_a, lora_b, weights, scaling) -> None:
+    _float(op, "lora_a", lora_a)
+    if lora_a.dim() != 3:
+        raise ValueError(f"{op}: lora_a must be 3-D [T, r, in], got shape {tuple(lora_a.shape)}")
+    if lora_a.shape[0] == 0:
+        raise ValueError(f"{op}: lora_a must hold at least one task, got shape {tuple(lora_a.shape)}")
+    n_tasks, rank, in_f = lora_a.shape
+    _float(op, "x", x)
+    if x.dim() < 2 or x.shape[-1] != in_f:
+        raise ValueError(f"{op}: x must have shape [B, ..., {in_f}] (lora_a.shape[2]), got {tuple(x.shape)}")
+    if x.dtype != lora_a.dtype:
+        raise TypeError(f"{op}: x dtype {x.dtype} must equal lora_a dtype {lora_a.dtype}")
+    _float(op, "lora_b", lora_b)
+    if lora_b.dim() != 3 or lora_b.shape[0] != n_tasks or lora_b.shape[2] != rank:
+        raise ValueError(f"{op}: lora_b must have shape [{n_tasks}, out, {rank}], got {tuple(lora_b.shape)}")
+    if lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"{op}: lora_b dtype {lora_b.dtype} must equal lora_a dtype {lora_a.dtype}")
+    _float(op, "weights", weights)
+    if weights.dim() != 2 or tuple(weights.shape) != (x.shape[0], n_tasks):
+        raise ValueError(f"{op}: weights must have shape [{x.shape[0]}, {n_tasks}] (one row per sample), "
+                         f"got {tuple(weights.shape)}")
+    _scaling(op, scaling)
+    _same_device(op, "lora_a", lora_a, x=x, lora_b=lora_b, weights=weights)
+
+
+def routed_lora(x, lora_a, lora_b, weights, scaling, *, check_values: bool = True) -> None:
+    _routed_lora_args("softtf.routed_lora", x, lora_a, lora_b, weights, scaling)
+
+
+def routed_lora_backward(grad_out, x, lora_a, lora_b, weights, scaling, *, check_values: bool = True) -> None:
+    op = "softtf.routed_lora_backward"
+    _routed_lora_args(op, x, lora_a, lora_b, weights, scaling)
+    _float(op, "grad_out", grad_out)
+    out_f = lora_b.shape[1]
+    if grad_out.dim() != x.dim() or grad_out.shape[-1] != out_f:
+        raise ValueError(f"{op}: grad_out must have shape [B, ..., {out_f}] (lora_b.shape[1]), "
+                         f"got {tuple(grad_out.shape)}")
+    _leading(op, "grad_out", grad_out, "x", x)
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"{op}: grad_out dtype {grad_out.dtype} must equal x dtype {x.dtype}")
+    _same_device(op, "lora_a", lora_a, grad_out=grad_out)
+
+
 # ---------------------------------------------------------------- prefix attention
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)

@@ -153,6 +153,14 @@ def draw_case(draw, op, dtypes):
         return (x(), w, masks(), ids_tensor(draw, lead[0], n_tasks, gen), bias())
     if op == "mixed_task_linear_grad_input":
         return (dy(), w, masks(), ids_tensor(draw, lead[0], n_tasks, gen))
+    if op in ("routed_lora", "routed_lora_backward"):
+        # x [B, ..., in], lora_a [T, r, in], lora_b [T, out, r] in x's dtype; weights [B, T] in any.
+        if len(lead) < 2:
+            lead.append(draw(sizes))
+        rank = draw(sizes)
+        args = (x(), tensor(draw, (n_tasks, rank, fin), dt, gen), tensor(draw, (n_tasks, fout, rank), dt, gen),
+                tensor(draw, (lead[0], n_tasks), mdt, gen), draw(st.sampled_from([1.0, 0.5, 8.0, -2.0])))
+        return args if op == "routed_lora" else (dy(), *args)
     raise ValueError(op)
 
 
@@ -172,6 +180,11 @@ def check_op(op, args, backend):
         ref_args[3] = torch.float64
     want = getattr(R, op)(*ref_args)
     dt = args[0].dtype
+    if op == "routed_lora_backward":  # (dx, dlora_a, dlora_b, dweights), each in its input's dtype
+        for i, (g, w, a) in enumerate(zip(got, want, args[1:5])):
+            assert g.dtype == a.dtype and g.shape == a.shape, (i, g.dtype, g.shape)
+            assert_close_rel(g, w, _tol_dtype(dt, a.dtype), f"{backend} {op} grad {i} {_describe(args)}")
+        return
     out_dt = args[3] if op == "masked_linear_grad_mask" else got.dtype
     assert got.dtype == (out_dt if op != "mask_mixture_grad" else (torch.float64 if dt == torch.float64 else torch.float32))
     assert_close_rel(got, want, _tol_dtype(dt, out_dt), f"{backend} {op} {_describe(args)}")

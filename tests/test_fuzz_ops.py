@@ -21,7 +21,7 @@ def test_op_matches_reference(op, data):
     check_op(op, draw_case(data.draw, op, CPP_DTYPES), "cpp")
 
 
-@pytest.mark.parametrize("op", ["masked_linear", "mixed_task_linear"])
+@pytest.mark.parametrize("op", ["masked_linear", "mixed_task_linear", "routed_lora"])
 @settings(max_examples=examples())
 @given(data=st.data())
 def test_autograd_matches_reference(op, data):

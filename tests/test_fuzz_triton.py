@@ -44,7 +44,7 @@ def test_op_matches_reference(op, data):
 
 
 @here
-@pytest.mark.parametrize("op", ["masked_linear", "mixed_task_linear"])
+@pytest.mark.parametrize("op", ["masked_linear", "mixed_task_linear", "routed_lora"])
 @settings(max_examples=examples(triton=True))
 @given(data=st.data())
 def test_autograd_matches_reference(op, data):

@@ -87,6 +87,10 @@ def _sample_args(name, gen, device=None):
         "mask_mixture_grad": (dy, x, w, masks, True),
         "mixed_task_linear": (x, w, masks, ids, b),
         "mixed_task_linear_grad_input": (dy, w, masks, ids),
+        "routed_lora": (x, rand((T, 3, fin), torch.float32, gen), rand((T, fout, 3), torch.float32, gen),
+                        rand((B, T), torch.bfloat16, gen), 0.5),
+        "routed_lora_backward": (dy, x, rand((T, 3, fin), torch.float32, gen), rand((T, fout, 3), torch.float32, gen),
+                                 rand((B, T), torch.bfloat16, gen), 0.5),
     }.get(name) or _attention_args(name, gen)
     return tuple(a.to(device) if device is not None and isinstance(a, torch.Tensor) else a for a in args)
 

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 namespace softtf::cpu {
 
@@ -20,5 +21,11 @@ at::Tensor mixed_task_linear(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& task_ids, const std::optional<at::Tensor>& bias);
 at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
                                         const at::Tensor& masks, const at::Tensor& task_ids);
+// routed_lora_cpu.cpp
+at::Tensor routed_lora(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                       const at::Tensor& weights, double scaling);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& weights, double scaling);
 
 }  // namespace softtf::cpu

@@ -22,6 +22,7 @@
 #include "checks.h"
 #include "kernels.h"
 #include "op_list.h"
+#include "routed_lora.h"
 
 namespace softtf::cuda {
 namespace {
@@ -203,6 +204,24 @@ at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Te
   check_grid(op, pl);
   launched(op, launch_dgrad(dt, mt, pl, at::cuda::getCurrentCUDAStream()), dt, mt);
   return dx;
+}
+
+// routed_lora: the rank-(T·r) LoRA of csrc/routed_lora.h, the same source as the CPU kernel, on
+// cuBLAS GEMMs (every step is a thin GEMM or a [tokens, T·r] elementwise op: no custom tile kernel
+// would beat cuBLAS here; Triton is the default CUDA backend of this op as of the others).
+at::Tensor routed_lora(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                       const at::Tensor& weights, double scaling) {
+  c10::cuda::CUDAGuard guard(lora_a.device());
+  return routed_lora_forward("softtf::_cuda_routed_lora", x, lora_a, lora_b, weights, scaling,
+                             kCudaKernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& weights, double scaling) {
+  c10::cuda::CUDAGuard guard(lora_a.device());
+  return softtf::routed_lora_backward("softtf::_cuda_routed_lora_backward", grad_out, x, lora_a,
+                                      lora_b, weights, scaling, kCudaKernels);
 }
 
 }  // namespace

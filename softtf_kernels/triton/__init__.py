@@ -19,6 +19,9 @@
 - ``mixed_task_linear(x, weight, masks, task_ids, bias=None)`` and
   ``mixed_task_linear_grad_input(grad_out, weight, masks, task_ids)``: one launch over
   (sample, row tile, column tile); each program loads its sample's task id and uses that mask.
+- ``routed_lora`` / ``routed_lora_backward`` (module ``lora``): SAPT's weighted sum of T
+  LoRA blocks as one rank-(T·r) LoRA, two strided GEMM launches forward (the per-sample routing
+  weights applied in the first one's epilogue), five backward.
 - ``prefix_attention_forward`` / ``prefix_attention_backward`` (module ``prefix_attention``):
   flash attention over the P prefix columns (NoRGa's gate fused into the score tile) and the N
   token columns, online softmax, log-sum-exp out; backward recomputes the probabilities from it.
@@ -50,9 +53,14 @@ from ..table import ALL_NAMES, PYTHON_NAMES
 __all__ = [*ALL_NAMES, "set_fp32_precision", "get_fp32_precision"]
 
 
+# The kernel module of each op: the masked-linear family in host.py (kernels.py), the others beside.
+_MODULES = {"routed_lora": ".lora", "routed_lora_backward": ".lora"}
+
+
 def __getattr__(name: str):
     if name in __all__:
-        module = importlib.import_module(".prefix_attention" if name in PYTHON_NAMES else ".host", __name__)
+        module = importlib.import_module(
+            _MODULES.get(name, ".prefix_attention" if name in PYTHON_NAMES else ".host"), __name__)
         value = getattr(module, name)
         globals()[name] = value
         return value
