@@ -1,6 +1,6 @@
 """The README's reproduction table: every method x task-inference mode x head on the bundled digits.
 
-    python tools/digits_table.py --output runs/table            # ~40 min on a 2-core CPU (66 runs)
+    python tools/digits_table.py --output runs/table            # ~50 min on a 2-core CPU (75 runs)
     python tools/digits_table.py --output runs/table --seeds 0  # one seed, a quick look
 
 Each row is one ``softtf train`` experiment (the README's digits command: 5 tasks, a small ViT
@@ -48,6 +48,10 @@ ROWS = [
     ("dualprompt + masks / prompt", ["--method", "dualprompt", "--masks", "--task-id", "prompt"]),
     ("norga / prompt", ["--method", "norga", "--task-id", "prompt"]),
     ("norga + masks / prompt", ["--method", "norga", "--masks", "--task-id", "prompt"]),
+    # HiDe-Prompt's task-identity classifier as task inference
+    ("softtf / classifier", ["--method", "softtf", "--task-id", "classifier"]),
+    ("dualprompt + masks / classifier", ["--method", "dualprompt", "--masks", "--task-id", "classifier"]),
+    ("norga / classifier", ["--method", "norga", "--task-id", "classifier"]),
 ]
 
 
