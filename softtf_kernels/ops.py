@@ -187,13 +187,62 @@ class _SuperposedLinear(torch.autograd.Function):
         return dx, None, None, dalpha, db
 
 
+class _PerSampleSuperposedLinear(torch.autograd.Function):
+    """y_b = x_b (W ⊙ Σ_t α_bt M_t)^T + b for a per-sample α [B, T] whose rows differ, as
+    Σ_t α_bt · x_b (W ⊙ M_t)^T: T masked GEMMs over the whole batch, each result scaled per sample
+    and summed in the accumulation dtype. No masked weight per sample ([B, out, in]) is formed.
+    ∂/∂x = Σ_t α_bt · dy_b (W ⊙ M_t) (T grad-input GEMMs), ∂/∂α per sample from mask_mixture_grad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, masks, alpha, bias):
+        acc = acc_dtype(x.dtype)
+        a = alpha.detach().to(acc)
+        rows = (x.shape[0],) + (1,) * (x.dim() - 1)  # α_bt broadcast over sample b's tokens
+        y = None
+        for t in range(masks.shape[0]):
+            term = masked_linear(x, weight, masks[t]).to(acc) * a[:, t].view(rows)
+            y = term if y is None else y.add_(term)
+        if bias is not None:
+            y.add_(bias.to(acc))
+        ctx.save_for_backward(x, weight, masks, alpha)
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, masks, alpha = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            acc = acc_dtype(dy.dtype)
+            a = alpha.detach().to(acc)
+            rows = (dy.shape[0],) + (1,) * (dy.dim() - 1)
+            for t in range(masks.shape[0]):
+                term = masked_linear_grad_input(dy, weight, masks[t]).to(acc) * a[:, t].view(rows)
+                dx = term if dx is None else dx.add_(term)
+            dx = dx.to(x.dtype)
+        dalpha = None
+        if ctx.needs_input_grad[3]:
+            dalpha = mask_mixture_grad(dy, x, weight, masks, True).to(alpha.dtype)
+        db = as_rows(dy).sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return dx, None, None, dalpha, db
+
+
 def superposed_linear(x: Tensor, weight: Tensor, masks: Tensor, alpha: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (W ⊙ Σ_t α_t M_t)^T + b with α [T], or [B, T] (equal rows) for per-sample ∂/∂α."""
+    """x (W ⊙ Σ_t α_t M_t)^T + b with α [T] (one mixture), or α [B, T] (one mixture per sample,
+    with ∂/∂α per sample).
+
+    α [T], or [B, T] with equal rows: W ⊙ M̄ is formed once ([out, in]) and one masked GEMM runs.
+    α [B, T] whose rows differ (SAPT over Soft-TF masks): y_b = Σ_t α_bt · x_b (W ⊙ M_t)^T + b, T
+    masked GEMMs over the whole batch, no per-sample masked weight. Both are differentiable in x,
+    α and bias (the weight and the masks get no gradient here)."""
     if alpha.dim() == 2:
         if x.dim() < 2 or alpha.shape[0] != x.shape[0]:
             raise ValueError(f"superposed_linear: alpha [B, T] needs x [B, ...] with the same B, got "
                              f"alpha {tuple(alpha.shape)} and x {tuple(x.shape)}")
         if not torch.equal(alpha, alpha[:1].expand_as(alpha)):
-            raise ValueError("superposed_linear: rows of a per-sample alpha [B, T] must be equal "
-                             "(use one batch per distinct mixture)")
+            if masks.dim() != 3 or alpha.shape[1] != masks.shape[0]:
+                raise ValueError(f"superposed_linear: alpha [B, T] needs masks [T, out, in] with the same T, got "
+                                 f"alpha {tuple(alpha.shape)} and masks {tuple(masks.shape)}")
+            return _PerSampleSuperposedLinear.apply(x, weight, masks, alpha, bias)
     return _SuperposedLinear.apply(x, weight, masks, alpha, bias)

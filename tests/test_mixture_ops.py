@@ -248,8 +248,8 @@ def test_gradient_id_errors(gen):
         gradient_id(fresh, x)
     with pytest.raises(ValueError, match=r"task_index must be a 1-D tensor with 3 entries"):
         predict_with_tasks(model, x, torch.tensor([0, 1]), model[0].tasks)
-    with pytest.raises(ValueError, match=r"rows of a per-sample alpha \[B, T\] must be equal"):
-        softtf.superposed_linear(x, model[0].weight, model[0].frozen_masks, torch.rand(3, 3), None)
+    with pytest.raises(ValueError, match=r"alpha \[B, T\] needs masks \[T, out, in\] with the same T"):
+        softtf.superposed_linear(x, model[0].weight, model[0].frozen_masks, torch.rand(3, 9), None)
 
 
 @pytest.mark.parametrize("mdt", [torch.float32, torch.bfloat16])

@@ -208,7 +208,7 @@ def test_superposed_linear_matches_oracle(gen, per_sample, mdt):
 def test_superposed_linear_errors(gen):
     x, w = rand((3, 4, 8), torch.float32, gen), rand((5, 8), torch.float32, gen)
     masks = rand_mask((2, 5, 8), torch.float32, gen)
-    with pytest.raises(ValueError, match=r"rows of a per-sample alpha \[B, T\] must be equal"):
-        ops.superposed_linear(x, w, masks, torch.tensor([[0.2, 0.8], [0.5, 0.5], [0.2, 0.8]]))
+    with pytest.raises(ValueError, match=r"alpha \[B, T\] needs masks \[T, out, in\] with the same T"):
+        ops.superposed_linear(x, w, masks, torch.tensor([[0.2, 0.8, 0.0], [0.5, 0.5, 0.0], [0.2, 0.8, 0.0]]))
     with pytest.raises(ValueError, match=r"alpha \[B, T\] needs x \[B, ...\] with the same B, got alpha \(2, 2\)"):
         ops.superposed_linear(x, w, masks, torch.ones(2, 2))
