@@ -14,9 +14,12 @@ share of the joint gradient. The prefix share uses the same Δ: dS_p' = P_p ⊙ 
 then the gate's chain rule (common.gate_activation) gives dα, dτ and the raw prefix scores' dS_p.
 
 Dtypes: float32, bfloat16, float16 and float64 (ATen's CPU flash attention takes all four); the
-prefix part and the merge run in fp32 (fp64 for fp64). Strides: any (ATen's kernel reads strided
-q/k/v/dO/O; the prefix part is plain matmuls). Outputs are contiguous. B = 0 or H = 0 return
-empty results without calling ATen (its kernel divides by zero there).
+prefix part and the merge run in fp32 (fp64 for fp64). Strides: any. ATen's kernels read strided
+q/k/v/dO/O but assume stride 1 along D (SDPA checks that before it picks them; their ops called
+directly do not, and a q or O with another stride along D gave garbage), so a tensor handed to them
+with another stride along D is copied first (``_unit_stride_d``); the prefix part is plain matmuls.
+Outputs are contiguous. B = 0 or H = 0 return empty results without calling ATen (its kernel
+divides by zero there).
 """
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ __all__ = ["prefix_attention_forward", "prefix_attention_backward"]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _unit_stride_d(t: Tensor) -> Tensor:
+    """``t`` [B, H, N, D] with stride 1 along D, copied only when it has another one."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _prefix_scores(q: Tensor, prefix_k: Tensor, alpha: Tensor, tau: Tensor, activation: str, sc: float):
@@ -48,7 +56,7 @@ def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, 
     if b * h == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, n), dtype=acc)
     sc = attention_scale(q, scale)
-    out_t, lse_t = _flash(q, k, v, scale=sc)
+    out_t, lse_t = _flash(_unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v), scale=sc)
     _, gated, _, _ = _prefix_scores(q, prefix_k, alpha, tau, activation, sc)
     lse = torch.logaddexp(lse_t.to(acc), torch.logsumexp(gated, -1))  # P = 0: logsumexp is -inf
     p = torch.exp(gated - lse.unsqueeze(-1))
@@ -68,7 +76,8 @@ def prefix_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     sc = attention_scale(q, scale)
     # Token share: ATen's flash backward on the joint O and L (the kernel wants L in fp32/fp64 as it
     # returned it, and O / dO in q's dtype).
-    dq_t, dk, dv = _flash_backward(grad_out, q, k, v, out, lse, 0.0, False, scale=sc)
+    dq_t, dk, dv = _flash_backward(*(_unit_stride_d(t) for t in (grad_out, q, k, v, out)), lse, 0.0, False,
+                                   scale=sc)
     # Prefix share.
     s, gated, a, da = _prefix_scores(q, prefix_k, alpha, tau, activation, sc)
     p = torch.exp(gated - lse.to(acc).unsqueeze(-1))  # [B, H, N, P]
