@@ -1,4 +1,5 @@
-"""`softtf bench --quick`: structure of the JSON, every row present, parameter accounting, PNG.
+"""`softtf bench --quick`: structure of the JSON, every row present, parameter accounting, PNG; the
+attention cases (softtf.prefix_attention against the eager composite and SDPA without prefix).
 
 No timing asserts: only that numbers exist where a row ran, and that failures carry a reason.
 """
@@ -16,8 +17,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
+import softtf_kernels  # noqa: E402
 from softtf import bench  # noqa: E402
+from softtf.bench.attention import eager_prefix_attention  # noqa: E402
 from softtf.methods.adapter import AdapterLinear, adapter_param_count, matched_bottleneck  # noqa: E402
+from softtf_kernels import reference as R  # noqa: E402
 
 STATUSES = {"ok", "failed", "skipped", "n/a"}
 
@@ -57,7 +61,7 @@ def test_every_row_present(quick_run):
     assert [c["case"] for c in res["cases"]] == list(bench.CASES)
     for case in res["cases"]:
         keys = [r["key"] for r in case["rows"]]
-        assert keys == list(bench.CANDIDATES), case["case"]
+        assert keys == list(bench.case_candidates(case["case"])), case["case"]
         for row in case["rows"]:
             assert set(row["tasks"]) == set(bench.TASKS)
             for task, r in row["tasks"].items():
@@ -79,6 +83,8 @@ def test_rows_that_must_run(quick_run):
     if res["meta"]["device"] == "cpu":
         must.append("softtf[cpp]")
     for case in res["cases"]:
+        if case["level"] == "attention":
+            continue  # test_attention_rows
         rows = {r["key"]: r for r in case["rows"]}
         for key in must:
             for task in ("infer", "train"):
@@ -99,6 +105,8 @@ def test_parameter_counts(quick_run):
     _, res = quick_run
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[res["meta"]["args"]["mask_dtype"]]
     for case in res["cases"]:
+        if case["level"] == "attention":
+            continue  # test_attention_rows
         rows = {r["key"]: r for r in case["rows"]}
         soft = rows["softtf[cpp]"]["params"] if "softtf[cpp]" in rows else rows["softtf[reference]"]["params"]
         assert len(soft["per_layer"]) == len(case["targets"]) >= 1
@@ -130,6 +138,92 @@ def test_model_targets(quick_run):
     bert = cases["bert"]["targets"]
     assert len(bert) == 9 and all(n.rsplit(".", 1)[1] in ("query", "key", "value") for n in bert)
     assert len(res["targets"]) == 6  # 3 targets x 2 models, reported (never asserted on)
+
+
+def test_attention_rows(quick_run):
+    """The attention cases: SDPA (floor), prefix_attention under the CPU / reference backends and
+    the eager composite run forward and forward+backward, with time ratios to SDPA and to eager and
+    peak memory to eager; Gradient ID is n/a; the prompt (+ alpha, tau for NoRGa) is what trains."""
+    out, res = quick_run
+    cases = {c["case"]: c for c in res["cases"] if c["level"] == "attention"}
+    assert list(cases) == list(bench.ATTENTION_CASES)
+    b, n, p = res["meta"]["args"]["layer_batch"], res["meta"]["args"]["layer_tokens"], res["meta"]["args"]["prefix_len"]
+    must = ["floor", "softtf[reference]", "eager"] + (["softtf[cpp]"] if res["meta"]["device"] == "cpu" else [])
+    for name, case in cases.items():
+        assert case["tokens"] == b * n and case["batch"] == b and f"P = {p}" in case["description"], case
+        rows = {r["key"]: r for r in case["rows"]}
+        for key in must:
+            for task in ("infer", "train"):
+                r = rows[key]["tasks"][task]
+                assert r["status"] == "ok", (name, key, task, r)
+                for ratio in ("ratio_floor", "ratio_eager", "peak_ratio_eager", "ratio_eager_min"):
+                    assert r[ratio] is not None and r[ratio] > 0, (name, key, task, ratio)
+                assert r["ratio_lora"] is None  # no LoRA row here
+            assert rows[key]["tasks"]["gid"]["status"] == "n/a"
+        for task in ("infer", "train"):
+            assert rows["floor"]["tasks"][task]["ratio_floor"] == pytest.approx(1.0)
+            assert rows["eager"]["tasks"][task]["ratio_eager"] == pytest.approx(1.0)
+            assert rows["eager"]["tasks"][task]["peak_ratio_eager"] == pytest.approx(1.0)
+        assert rows["compiled"]["tasks"]["train"]["status"] == "skipped"
+        if res["meta"]["device"] == "cpu":
+            assert "no CUDA device" in rows["softtf[cuda]"]["tasks"]["infer"]["reason"]
+        h, d = 2, 32  # --quick heads
+        gate = 2 if name == "attn_norga" else 0
+        for key in ("softtf[reference]", "eager", "compiled"):
+            assert rows[key]["params"]["trainable"] == 2 * p * h * d + gate
+            assert rows[key]["params"]["bytes_per_task"] == 4 * 2 * p * h * d
+        assert rows["floor"]["params"]["trainable"] == 0
+    assert "fwd+bwd ms" in (out / "bench.txt").read_text()
+    assert "| fwd+bwd ms | ×SDPA | ×eager |" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("activation", ["none", "sigmoid", "tanh", "gelu"])
+def test_eager_composite_is_the_definition(activation):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(2, 3, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    alpha, tau = torch.tensor(0.7, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64)
+    want, _ = R.prefix_attention_forward(q, k, v, pk, pv, alpha, tau, activation)
+    torch.testing.assert_close(eager_prefix_attention(q, k, v, pk, pv, alpha, tau, activation), want)
+
+
+@pytest.mark.parametrize("case_name", bench.ATTENTION_CASES)
+@pytest.mark.parametrize("prefix_len", [5, 0])
+def test_attention_candidates_compute_the_same_attention(case_name, prefix_len):
+    """Every prefixed row computes the same output and prompt gradient from the same prompt; with
+    P = 0 they equal the floor (SDPA without prefix)."""
+    config = bench.BenchConfig(quick=True, compile=False, prefix_len=prefix_len, no_progress=True)
+    case = bench.build_case(case_name, config, torch.device("cpu"))
+    cands = {c.key: c for c in bench.build_candidates(case, config, torch.device("cpu"))}
+    assert list(cands) == list(bench.ATTENTION_CANDIDATES)
+    outs, grads = {}, {}
+    for key in ("floor", "softtf[cpp]", "softtf[reference]", "eager"):
+        cand = cands[key]
+        bench.install(case, cand)
+        with softtf_kernels.use_backend(cand.backend or "auto"):
+            y = case.model(case.train_inputs)
+            y.pow(2).mean().backward()
+        outs[key] = y.detach()
+        grads[key] = [p.grad.clone() for p in cand.trainable]
+        case.train_inputs.grad = None
+    torch.testing.assert_close(outs["softtf[cpp]"], outs["eager"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["softtf[reference]"], outs["eager"], atol=1e-5, rtol=1e-4)
+    assert len(grads["eager"]) == (1 if case_name == "attn_dualprompt" else 3)  # prompt (+ alpha, tau)
+    for key in ("softtf[cpp]", "softtf[reference]"):
+        for got, want in zip(grads[key], grads["eager"]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    if prefix_len == 0:
+        torch.testing.assert_close(outs["softtf[cpp]"], outs["floor"], atol=1e-5, rtol=1e-4)
+    else:
+        assert not torch.allclose(outs["softtf[cpp]"], outs["floor"], atol=1e-3)
+
+
+def test_attention_config():
+    with pytest.raises(ValueError, match="--prefix-len must be >= 0"):
+        bench.BenchConfig(prefix_len=-1)
+    config = bench.config_from_args(bench.build_parser().parse_args(["--prefix-len", "20", "--cases", "attn_norga"]))
+    assert config.prefix_len == 20 and config.cases == ["attn_norga"]
+    assert config.timing("attention") == (config.warmup, config.repeats)
 
 
 def test_matched_sizes_at_paper_shapes():

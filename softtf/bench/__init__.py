@@ -1,4 +1,5 @@
-"""``softtf bench``: throughput and peak memory of Soft-TF against LoRA, Adapters and the eager reference.
+"""``softtf bench``: throughput and peak memory of Soft-TF against LoRA, Adapters and the eager reference,
+and of ``softtf.prefix_attention`` against the eager composite and SDPA without prefix.
 
     softtf bench [--quick] [--output DIR] [--json PATH] [--cases vit_qkv vit ...] [--device cpu]
     python -m softtf.bench ...                         (same thing without the console script)
@@ -16,7 +17,10 @@ cases
   layer level: ``vit_qkv`` (768->2304), ``vit_proj`` (768->768), ``bert_query`` (768->768, BERT
   sequence length); model level: ``vit`` (random-init timm ``vit_base_patch16_224``, Soft-TF on
   qkv+proj of blocks 9-11) and ``bert`` (``BertForSequenceClassification(BertConfig())`` random init,
-  Soft-TF on query/key/value of layers 9-11).
+  Soft-TF on query/key/value of layers 9-11); attention: ``attn_dualprompt`` (activation "none") and
+  ``attn_norga`` (sigmoid gate), one attention call at ViT-B/16 shapes (H 12, D 64, ``--layer-batch``
+  x ``--layer-tokens``) with a ``--prefix-len`` (5) prompt; ``train`` there is forward + backward
+  (to qkv and the prompt, + Adam on the prompt, α, τ).
 
 candidates (on exactly the layers Soft-TF masks; all share the frozen base weights)
   ``floor``            the unmodified frozen layer/model. Its training step trains only the biases of
@@ -35,9 +39,16 @@ candidates (on exactly the layers Soft-TF masks; all share the frozen base weigh
   ``adapter[matched]`` bottleneck Adapter (Houlsby: down, GELU, up, residual) on the layer output with
                        the bottleneck matched to out*in parameters; ``adapter[small]``: ``--adapter-m`` (8)
 
+attention candidates (ATTENTION_CANDIDATES)
+  ``floor``            ``F.scaled_dot_product_attention(q, k, v)`` without prefix: the frozen model's cost
+  ``softtf[<b>]``      ``softtf.prefix_attention`` under backend b (cpp on CPU, triton on CUDA, reference)
+  ``eager``            the composite of the reference code: prefixes concatenated to k and v, explicit
+                       [N, P + N] scores, the gate on the scaled prefix columns, softmax, matmul
+  ``compiled``         ``torch.compile`` of it
+
 Timing: every candidate is warmed up, then timed ``--repeats`` times with the candidates of a task
 interleaved round-robin (rotating start), so load from other processes hits all of them alike;
-the median is reported, with ratios to the floor and to ``lora[matched]`` of the same run.
+the median is reported, with ratios to the floor, to ``lora[matched]`` and to ``eager`` of the same run.
 
 Peak memory (bytes allocated during one call above what was live before it: activations saved for
 backward, gradients, temporaries; weights and optimizer state are listed separately as static
@@ -51,16 +62,18 @@ Output: a table on stdout, JSON (``--json``, default ``DIR/bench.json``), a PNG 
 progress on stderr (tqdm).
 
 Modules: ``config`` (names, :class:`BenchConfig`), ``cases``, ``modules`` (eager / compiled /
-SoftLinear / LoRA layers), ``steps`` (the timed calls), ``candidates``, ``memory``, ``harness``
-(timing), ``ratios``, ``runner`` (a whole run), ``meta``, ``report`` (text and Markdown), ``chart`` (PNG),
-``suite`` (pytest-benchmark glue), ``cli`` (flags -> BenchConfig, outputs).
+SoftLinear / LoRA layers), ``attention`` (the attention cases' modules), ``steps`` (the timed calls),
+``candidates``, ``memory``, ``harness`` (timing), ``ratios``, ``runner`` (a whole run), ``meta``,
+``report`` (text and Markdown), ``chart`` (PNG), ``suite`` (pytest-benchmark glue), ``cli`` (flags ->
+BenchConfig, outputs).
 """
 from __future__ import annotations
 
 from .candidates import Candidate, build_candidates, install, matched_lora_rank
 from .cases import Case, build_case
 from .cli import add_arguments, build_parser, config_from_args, main, run
-from .config import CANDIDATES, CASES, LAYER_CASES, MODEL_CASES, TASKS, BenchConfig
+from .config import (ATTENTION_CANDIDATES, ATTENTION_CASES, CANDIDATES, CASES, LAYER_CASES, MODEL_CASES, TASKS,
+                     BenchConfig, case_candidates)
 from .harness import measure_case
 from .memory import cpu_allocation_profile, measure_peak_bytes
 from .chart import plot
@@ -70,8 +83,9 @@ from .runner import measure
 from .suite import Suite
 
 __all__ = [
-    "BenchConfig", "CANDIDATES", "CASES", "Candidate", "Case", "LAYER_CASES", "MODEL_CASES", "Suite", "TASKS",
-    "add_arguments", "add_ratios", "build_candidates", "build_case", "build_parser", "config_from_args",
+    "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "Candidate", "Case",
+    "LAYER_CASES", "MODEL_CASES", "Suite", "TASKS", "add_arguments", "add_ratios", "build_candidates", "build_case",
+    "build_parser", "case_candidates", "config_from_args",
     "cpu_allocation_profile", "format_markdown", "format_table", "install", "main", "matched_lora_rank", "measure",
     "measure_case", "measure_peak_bytes", "plot", "run", "targets",
 ]

@@ -1,5 +1,6 @@
-"""The candidates of one case: every row of CANDIDATES with its modules, trainable parameters,
-parameter accounting and step functions (or the reason it cannot run here)."""
+"""The candidates of one case: every row of its candidates (CANDIDATES; ATTENTION_CANDIDATES for the
+attention cases) with its modules, trainable parameters, parameter accounting and step functions (or
+the reason it cannot run here)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from softtf_kernels import available_backends
 
 from ..core.model import set_submodule
 from ..methods.adapter import AdapterLinear, adapter_param_count, matched_bottleneck
+from .attention import ACTIVATIONS, LazyCompiled, PrefixAttention, attention_shape, eager_prefix_attention
 from .cases import Case
 from .config import COMPILED, EAGER, FLOOR, LORA_REF, SOFT_BACKENDS, TASKS, BenchConfig
 from .memory import tensor_bytes
@@ -104,7 +106,31 @@ def _unavailable(backend: str, device: torch.device, here: list[str]) -> str:
 
 
 def build_candidates(case: Case, config: BenchConfig, device: torch.device) -> list[Candidate]:
-    """Every candidate of CANDIDATES for this case (those that cannot run carry a skipped/failed status)."""
+    """Every candidate of the case's rows (``config.case_candidates(case.name)``; those that cannot
+    run carry a skipped/failed status), the floor installed."""
+    if case.level == "attention":
+        cands, always = _attention_candidates(case, config, device), {FLOOR, EAGER}
+    else:
+        cands, always = _linear_candidates(case, config, device), {FLOOR, LORA_REF}
+    install(case, cands[0])
+    if config.candidates:
+        keep = set(config.candidates) | always  # the ratios' references always run
+        for c in cands:
+            if c.key not in keep:
+                c.fns = {}
+                for t in TASKS:
+                    c.results.setdefault(t, {"status": "skipped", "reason": "not selected (--candidates)"})
+    # static bytes owned by each candidate (not the shared base model); optimizer state added later
+    base_ptrs = {p.untyped_storage().data_ptr() for p in case.base_params}
+    for c in cands:
+        ts = [t for mod in c.modules.values() for t in list(mod.parameters()) + list(mod.buffers())]
+        ts += [mod.frozen_masks for mod in c.modules.values() if isinstance(getattr(mod, "frozen_masks", None), Tensor)]
+        c.static_bytes = tensor_bytes(ts, base_ptrs)
+    return cands
+
+
+def _linear_candidates(case: Case, config: BenchConfig, device: torch.device) -> list[Candidate]:
+    """The rows of CANDIDATES on the case's linear layers."""
     floor = Candidate(FLOOR, "frozen (floor)", "floor", modules=dict(case.originals),
                       trainable=[case.originals[n].bias for n in case.names if case.originals[n].bias is not None])
     floor.params = _params(case, lambda n, lin: 0, 0, "-")
@@ -118,24 +144,9 @@ def build_candidates(case: Case, config: BenchConfig, device: torch.device) -> l
         soft_mods, soft_reason = soft_modules(case, config), ""
     except Exception as exc:  # pragma: no cover - reported, not raised
         soft_mods, soft_reason = {}, "building SoftLinear failed: " + failure(exc)["reason"]
-    cands = [floor, *_soft_candidates(case, config, device, soft_mods, soft_reason, soft_p),
-             *_eager_candidates(case, config, soft_mods, soft_reason, soft_p),
-             *_lora_candidates(case, config, floor), *_adapter_candidates(case, config)]
-    install(case, floor)
-    if config.candidates:
-        keep = set(config.candidates) | {FLOOR, LORA_REF}
-        for c in cands:
-            if c.key not in keep:
-                c.fns = {}
-                for t in TASKS:
-                    c.results.setdefault(t, {"status": "skipped", "reason": "not selected (--candidates)"})
-    # static bytes owned by each candidate (not the shared base model); optimizer state added later
-    base_ptrs = {p.untyped_storage().data_ptr() for p in case.base_params}
-    for c in cands:
-        ts = [t for mod in c.modules.values() for t in list(mod.parameters()) + list(mod.buffers())]
-        ts += [mod.frozen_masks for mod in c.modules.values() if isinstance(getattr(mod, "frozen_masks", None), Tensor)]
-        c.static_bytes = tensor_bytes(ts, base_ptrs)
-    return cands
+    return [floor, *_soft_candidates(case, config, device, soft_mods, soft_reason, soft_p),
+            *_eager_candidates(case, config, soft_mods, soft_reason, soft_p),
+            *_lora_candidates(case, config, floor), *_adapter_candidates(case, config)]
 
 
 def _soft_candidates(case: Case, config: BenchConfig, device: torch.device, soft_mods: dict, soft_reason: str,
@@ -225,4 +236,58 @@ def _adapter_candidates(case: Case, config: BenchConfig) -> list[Candidate]:
         c.use_steps(case)
         c.results["gid"] = dict(_NA_GID)
         cands.append(c)
+    return cands
+
+
+_NA_ATTENTION_GID = {"status": "n/a", "reason": "Gradient ID runs on SoftLinear layers (no attention row)"}
+
+
+def _attention_candidates(case: Case, config: BenchConfig, device: torch.device) -> list[Candidate]:
+    """ATTENTION_CANDIDATES: the floor (SDPA without prefix, the frozen model's cost; its train step
+    is forward + backward to qkv), softtf.prefix_attention under every backend, the eager composite
+    and torch.compile of it. Every prefixed row starts from the same U(-1, 1) prompt (DualPrompt's
+    init), α = τ = 1."""
+    _, h, _, d, p = attention_shape(config)
+    activation = ACTIVATIONS[case.name]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(config.seed)
+    prompt = torch.rand((2, p, h, d), generator=gen, device=device) * 2 - 1
+    gated = activation != "none"
+    note = "the [2, P, H, D] prompt per task" + (" + alpha, tau (learned in task 0, shared)" if gated else "")
+    params = {"trainable": 2 * p * h * d + 2 * gated, "stored_per_task": 2 * p * h * d,
+              "bytes_per_task": 4 * 2 * p * h * d, "store_dtype": "float32", "per_layer": [], "note": note}
+    floor = Candidate(FLOOR, "SDPA, no prefix (frozen)", "floor", modules=dict(case.originals),
+                      params={**params, "trainable": 0, "stored_per_task": 0, "bytes_per_task": 0, "note": ""},
+                      config={"note": "F.scaled_dot_product_attention(q, k, v); train: forward + backward to qkv"})
+    floor.use_steps(case)
+    cands = [floor]
+    here = available_backends(device, "prefix_attention_forward")
+    for bk in SOFT_BACKENDS:
+        c = Candidate(f"softtf[{bk}]", f"prefix_attention [{bk}]", "softtf", backend=bk, params=params,
+                      config={"backend": bk, "activation": activation, "prefix_len": p})
+        cands.append(c)
+        reason = ("prefix_attention has no CUDA C++ kernel (its CUDA kernel is Triton)"
+                  if bk == "cuda" and device.type == "cuda" else _unavailable(bk, device, here))
+        if reason:
+            c.mark("skipped", reason)
+            continue
+        if bk == "triton" and device.type == "cpu":
+            c.label += " (interpreter)"
+        c.modules = {"attn": PrefixAttention(prompt, activation)}
+        c.trainable = list(c.modules["attn"].parameters())
+        c.use_steps(case, bk)
+    for key, compiled in ((EAGER, False), (COMPILED, True)):
+        label = "torch.compile(eager)" if compiled else "eager cat + softmax"
+        c = Candidate(key, label, key, params=params, config={"compiled": compiled, "activation": activation,
+                                                              "prefix_len": p})
+        cands.append(c)
+        if compiled and not config.compile:
+            c.mark("skipped", "torch.compile rows off (--no-compile, or --quick without --compile)")
+            continue
+        fn = LazyCompiled(eager_prefix_attention) if compiled else eager_prefix_attention
+        c.modules = {"attn": PrefixAttention(prompt, activation, fn)}
+        c.trainable = list(c.modules["attn"].parameters())
+        c.use_steps(case)
+    for c in cands:
+        c.results.setdefault("gid", dict(_NA_ATTENTION_GID))
     return cands

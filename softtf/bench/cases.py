@@ -1,4 +1,5 @@
-"""The cases: one linear layer (ViT qkv/proj, BERT query) or a whole random-init model (ViT, BERT)."""
+"""The cases: one linear layer (ViT qkv/proj, BERT query), a whole random-init model (ViT, BERT), or
+one attention call at ViT-B/16 shapes with DualPrompt's / NoRGa's prefix (``attn_*``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import SoftConfig, resolve_config
-from .config import CASES, LAYER_CASES, BenchConfig
+from .attention import ACTIVATIONS, AttentionHolder, FrozenAttention, attention_shape
+from .config import ATTENTION_CASES, CASES, LAYER_CASES, BenchConfig
 
 __all__ = ["Case", "LayerHolder", "build_case"]
 
@@ -17,11 +19,11 @@ __all__ = ["Case", "LayerHolder", "build_case"]
 @dataclass
 class Case:
     name: str
-    level: str  # "layer" or "model"
+    level: str  # "layer", "model" or "attention"
     description: str
     model: nn.Module
-    names: list[str]  # target linear modules
-    originals: dict[str, nn.Linear]
+    names: list[str]  # target modules (linear layers; the attention cases: "attn")
+    originals: dict[str, nn.Module]
     inputs: Any
     train_inputs: Any
     labels: Tensor | None
@@ -58,6 +60,8 @@ def build_case(name: str, config: BenchConfig, device: torch.device) -> Case:
         case = _vit_case(config, device)
     elif name == "bert":
         case = _bert_case(config, device)
+    elif name in ATTENTION_CASES:
+        case = _attention_case(name, config, device)
     else:
         raise ValueError(f"unknown case {name!r}; choose from {CASES}")
     if case.level == "model":
@@ -124,3 +128,18 @@ def _bert_case(config: BenchConfig, device: torch.device) -> Case:
     return Case("bert", "model", f"{desc}, batch {b} x {L} tokens", model, [], {}, inputs, inputs, labels, b * L, b,
                 logits_fn=lambda m, inp: m(**inp).logits,
                 loss_fn=lambda m, inp, lab: F.cross_entropy(m(**inp).logits, lab))
+
+
+def _attention_case(name: str, config: BenchConfig, device: torch.device) -> Case:
+    """One attention call: ``qkv`` [B, N, 3, H, D] in (the train step's requires grad, as the output
+    of the frozen qkv projection does when prompts sit in earlier blocks), [B, H, N, D] out."""
+    b, h, n, d, p = attention_shape(config)
+    activation = ACTIVATIONS[name]
+    qkv = torch.randn(b, n, 3, h, d, device=device)
+    floor = FrozenAttention()
+    method = "DualPrompt prefix tuning" if activation == "none" else f"NoRGa gate {activation!r}"
+    desc = (f"ViT-B/16 attention q, k, v [{b}, {h}, {n}, {d}] (views of one qkv output), prefix P = {p} "
+            f"({method}, one [2, P, H, D] prompt expanded over the batch)")
+    return Case(name, "attention", desc, AttentionHolder(floor), ["attn"], {"attn": floor}, qkv,
+                qkv.clone().requires_grad_(True), None, b * n, b, logits_fn=lambda m, inp: m(inp),
+                loss_fn=lambda m, inp, lab: m(inp).pow(2).mean(), wrap_used="")

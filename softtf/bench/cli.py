@@ -15,7 +15,8 @@ from .runner import measure
 
 __all__ = ["DESCRIPTION", "EPILOG", "add_arguments", "build_parser", "config_from_args", "main", "run"]
 
-DESCRIPTION = "``softtf bench``: throughput and peak memory of Soft-TF against LoRA, Adapters and the eager reference."
+DESCRIPTION = ("``softtf bench``: throughput and peak memory of Soft-TF against LoRA, Adapters and the eager "
+               "reference, and of softtf.prefix_attention against the eager composite and SDPA without prefix.")
 EPILOG = "Ratios, not seconds, are the result: they are measured in one run."
 
 
@@ -34,9 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", choices=CASES, default=None, help=f"subset of {', '.join(CASES)} (default all)")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of every case (overrides the per-case ones)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per sample of the layer cases and BERT (ViT: 197 fixed)")
-    p.add_argument("--layer-batch", type=int, default=None, help="layer cases batch (default 4; quick 2)")
-    p.add_argument("--layer-tokens", type=int, default=None, help="ViT layer cases tokens (default 197; quick 16)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per sample of the layer and attention cases and BERT (ViT: 197 fixed)")
+    p.add_argument("--layer-batch", type=int, default=None, help="layer and attention cases batch (default 4; quick 2)")
+    p.add_argument("--layer-tokens", type=int, default=None,
+                   help="ViT layer and attention cases tokens (default 197; quick 16)")
     p.add_argument("--vit-batch", type=int, default=None, help="ViT model batch (default 2; quick 2)")
     p.add_argument("--bert-batch", type=int, default=None, help="BERT model and bert_query batch (default 4; quick 2)")
     p.add_argument("--bert-tokens", type=int, default=None, help="BERT sequence length (default 128; quick 16)")
@@ -48,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mask-dtype", choices=sorted(MASK_DTYPES), default="float32", help="dtype of stored (frozen) masks")
     p.add_argument("--lora-r", type=int, default=8, help="rank of lora[small]")
     p.add_argument("--adapter-m", type=int, default=8, help="bottleneck of adapter[small]")
+    p.add_argument("--prefix-len", type=int, default=5,
+                   help="prefix (prompt) length P of the attention cases (default 5, DualPrompt's and NoRGa's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include torch.compile rows (default on, off with --quick)")

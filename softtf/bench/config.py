@@ -9,14 +9,17 @@ import torch
 from softtf_kernels import BACKENDS
 
 __all__ = [
-    "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER", "FLOOR", "LAYER_CASES", "LORA_REF", "MASK_DTYPES",
-    "MODEL_CASES", "SOFT_BACKENDS", "STATS", "TASKS",
+    "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER", "FLOOR",
+    "LAYER_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates",
+    "case_level",
 ]
 
 TASKS = ("infer", "train", "gid")
 LAYER_CASES = ("vit_qkv", "vit_proj", "bert_query")
 MODEL_CASES = ("vit", "bert")
-CASES = LAYER_CASES + MODEL_CASES
+# softtf.prefix_attention at ViT-B/16 shapes: DualPrompt's prefix (no gate) and NoRGa's (sigmoid gate)
+ATTENTION_CASES = ("attn_dualprompt", "attn_norga")
+CASES = LAYER_CASES + MODEL_CASES + ATTENTION_CASES
 SOFT_BACKENDS = tuple(b for b in BACKENDS if b != "auto")  # cpp, cuda, triton, reference
 FLOOR, LORA_REF, EAGER, COMPILED = "floor", "lora[matched]", "eager", "compiled"
 CANDIDATES = (
@@ -24,8 +27,21 @@ CANDIDATES = (
     + tuple(f"softtf[{b}]" for b in SOFT_BACKENDS)
     + (EAGER, COMPILED, LORA_REF, "lora[small]", "adapter[matched]", "adapter[small]")
 )
+# the attention cases: floor = SDPA without prefix (the frozen model), softtf[<b>] = softtf.prefix_attention
+# under backend b, eager / compiled = the concatenate-and-softmax composite (and torch.compile of it)
+ATTENTION_CANDIDATES = (FLOOR,) + tuple(f"softtf[{b}]" for b in SOFT_BACKENDS) + (EAGER, COMPILED)
 MASK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS = ("median", "min")
+
+
+def case_level(name: str) -> str:
+    """The level of case ``name``: "layer", "model" or "attention"."""
+    return "layer" if name in LAYER_CASES else "attention" if name in ATTENTION_CASES else "model"
+
+
+def case_candidates(name: str) -> tuple[str, ...]:
+    """The candidate rows of case ``name``, in order."""
+    return ATTENTION_CANDIDATES if name in ATTENTION_CASES else CANDIDATES
 
 
 def _defaults(quick: bool) -> dict:
@@ -66,6 +82,7 @@ class BenchConfig:
     mask_dtype: str = "float32"
     lora_r: int = 8
     adapter_m: int = 8
+    prefix_len: int = 5
     compile: bool | None = None
     candidates: list[str] | None = None
     stat: str = "median"
@@ -85,6 +102,7 @@ class BenchConfig:
         for k in ("layer_batch", "layer_tokens", "vit_batch", "bert_batch", "bert_tokens", "repeats", "model_repeats",
                   "gid_tasks", "lora_r", "adapter_m"):
             self._at_least(k, 1)
+        self._at_least("prefix_len", 0)
         for k in ("warmup", "model_warmup", "threads"):  # threads 0: torch's choice
             self._at_least(k, 0)
         self.cases = list(CASES) if self.cases is None else list(self.cases)
@@ -119,5 +137,5 @@ class BenchConfig:
         return self.json or os.path.join(self.output, "bench.json")
 
     def timing(self, level: str) -> tuple[int, int]:
-        """(warm-up calls, timed calls) of a ``"layer"`` or ``"model"`` case."""
-        return (self.warmup, self.repeats) if level == "layer" else (self.model_warmup, self.model_repeats)
+        """(warm-up calls, timed calls) of a ``"layer"``, ``"attention"`` or ``"model"`` case."""
+        return (self.model_warmup, self.model_repeats) if level == "model" else (self.warmup, self.repeats)

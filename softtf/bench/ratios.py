@@ -1,5 +1,6 @@
-"""Ratios measured in one run (the result that matters): to the frozen floor, to LoRA(matched), and
-peak memory to the eager reference; then the issue's targets on them (reported, never asserted)."""
+"""Ratios measured in one run (the result that matters): time to the frozen floor, to LoRA(matched)
+and to the eager reference, and peak memory to the eager reference; then the issue's targets on them
+(reported, never asserted)."""
 from __future__ import annotations
 
 from .candidates import Candidate
@@ -19,9 +20,10 @@ def _ok(cand: Candidate | None, task: str) -> dict | None:
 
 
 def add_ratios(cands: list[Candidate], stat: str = "median") -> None:
-    """``ratio_floor_<s>`` / ``ratio_lora_<s>`` from statistic s ("median", "min") of each candidate's
-    times (gid's floor is the floor's infer), ``ratio_floor`` / ``ratio_lora`` those of ``stat``, and
-    ``peak_ratio_eager``, on every row that ran."""
+    """``ratio_floor_<s>`` / ``ratio_lora_<s>`` / ``ratio_eager_<s>`` from statistic s ("median", "min")
+    of each candidate's times (gid's floor is the floor's infer; LoRA and eager: the same task),
+    ``ratio_floor`` / ``ratio_lora`` / ``ratio_eager`` those of ``stat``, and ``peak_ratio_eager``, on
+    every row that ran (a ratio is None where its reference did not run)."""
     by = {c.key: c for c in cands}
 
     def ms(key: str, task: str, s: str):
@@ -34,10 +36,12 @@ def add_ratios(cands: list[Candidate], stat: str = "median") -> None:
             if not r:
                 continue
             for s in STATS:
-                f, lo = ms(FLOOR, "infer" if task == "gid" else task, s), ms(LORA_REF, task, s)
-                r[f"ratio_floor_{s}"] = r[f"{s}_ms"] / f if f else None
-                r[f"ratio_lora_{s}"] = r[f"{s}_ms"] / lo if lo else None
-            r["ratio_floor"], r["ratio_lora"] = r[f"ratio_floor_{stat}"], r[f"ratio_lora_{stat}"]
+                refs = {"floor": ms(FLOOR, "infer" if task == "gid" else task, s), "lora": ms(LORA_REF, task, s),
+                        "eager": ms(EAGER, task, s)}
+                for name, ref in refs.items():
+                    r[f"ratio_{name}_{s}"] = r[f"{s}_ms"] / ref if ref else None
+            for name in ("floor", "lora", "eager"):
+                r[f"ratio_{name}"] = r[f"ratio_{name}_{stat}"]
             eager = _ok(by.get(EAGER), task)
             pe, pm = (eager or {}).get("peak_bytes"), r.get("peak_bytes")
             r["peak_ratio_eager"] = pm / pe if (pe and pm is not None) else None

@@ -1,5 +1,7 @@
 """The result as text: the terminal table (also ``bench.txt``), Markdown (``bench.md``), target lines.
-Everything is read from the result dict (the JSON), so a saved ``bench.json`` formats the same."""
+Everything is read from the result dict (the JSON), so a saved ``bench.json`` formats the same. The
+attention cases have their own columns: forward and forward+backward, each with its time to SDPA
+without prefix and to the eager composite, and its peak memory to the eager composite's."""
 from __future__ import annotations
 
 __all__ = ["format_markdown", "format_table", "targets_text"]
@@ -63,6 +65,9 @@ def format_table(result: dict) -> str:
            f"{'x LoRA':>6} {'peak MiB':>8} {'x eager':>7} | {'gid ms':>8} {'x fl.fwd':>8} | "
            f"{'trainable':>9} {'MiB/task':>8} {'static MiB':>10}")
     for case in result["cases"]:
+        if case["level"] == "attention":
+            lines += _attention_text(case, cell)
+            continue
         lines += ["", f"== {case['case']} ({case['level']}): {case['description']}; {case['tokens']} tokens/call; "
                       f"targets: {case['targets_text']}", hdr, "-" * len(hdr)]
         for row in case["rows"]:
@@ -76,15 +81,51 @@ def format_table(result: dict) -> str:
                 f"{cell(tr, 'peak_ratio_eager'):>7} | {cell(g, 'ms'):>8} {cell(g, 'ratio_floor'):>8} | "
                 f"{_params_text(p.get('trainable', 0)):>9} {p.get('bytes_per_task', 0) / 2**20:>8.2f} "
                 f"{row['static_bytes'] / 2**20:>10.1f}")
-        notes = [f"  {row['key']}: {task}: {r['status']} ({r.get('reason', '')})" for row in case["rows"]
-                 for task, r in row["tasks"].items() if r.get("status") in ("failed", "skipped")]
-        if notes:
-            lines.append("notes:")
-            lines.extend(dict.fromkeys(notes))  # each once, in order
-    lines.append("")
-    lines.append(f"targets (model level, softtf[{meta['default_backend']}], same run; reported, not asserted):")
-    lines.extend("  " + t for t in result.get("targets_text", []))
+        lines += _notes(case)
+    if result.get("targets_text"):  # model cases only
+        lines.append("")
+        lines.append(f"targets (model level, softtf[{meta['default_backend']}], same run; reported, not asserted):")
+        lines.extend("  " + t for t in result["targets_text"])
     return "\n".join(lines)
+
+
+def _notes(case: dict) -> list[str]:
+    notes = [f"  {row['key']}: {task}: {r['status']} ({r.get('reason', '')})" for row in case["rows"]
+             for task, r in row["tasks"].items() if r.get("status") in ("failed", "skipped")]
+    return ["notes:", *dict.fromkeys(notes)] if notes else []  # each once, in order
+
+
+def _attention_text(case: dict, cell: _Cells) -> list[str]:
+    hdr = (f"{'candidate':<28} {'fwd ms':>9} {'x SDPA':>6} {'x eager':>7} {'peak MiB':>8} {'x eager':>7} | "
+           f"{'fwd+bwd ms':>10} {'x SDPA':>6} {'x eager':>7} {'peak MiB':>8} {'x eager':>7} | {'trainable':>9}")
+    lines = ["", f"== {case['case']} (attention): {case['description']}; {case['tokens']} tokens/call",
+             "   fwd: no_grad forward; fwd+bwd: forward + backward to qkv and the prompt (+ Adam on it); "
+             "x SDPA: time / SDPA without prefix (the frozen model); x eager: time or peak / the eager composite's",
+             hdr, "-" * len(hdr)]
+    for row in case["rows"]:
+        i, tr = row["tasks"].get("infer"), row["tasks"].get("train")
+        lines.append(f"{row['label'][:28]:<28} {cell(i, 'ms'):>9} {cell(i, 'ratio_floor'):>6} "
+                     f"{cell(i, 'ratio_eager'):>7} {cell.peak(i):>8} {cell(i, 'peak_ratio_eager'):>7} | "
+                     f"{cell(tr, 'ms'):>10} {cell(tr, 'ratio_floor'):>6} {cell(tr, 'ratio_eager'):>7} "
+                     f"{cell.peak(tr):>8} {cell(tr, 'peak_ratio_eager'):>7} | "
+                     f"{_params_text(row['params'].get('trainable', 0)):>9}")
+    return lines + _notes(case)
+
+
+def _attention_markdown(case: dict, cell: _Cells) -> list[str]:
+    out = [f"**{case['case']}** (attention): {case['description']}; {case['tokens']} tokens per call", "",
+           "| candidate | fwd ms | ×SDPA | ×eager | fwd peak MiB | ×eager | fwd+bwd ms | ×SDPA | ×eager "
+           "| fwd+bwd peak MiB | ×eager | trainable |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in case["rows"]:
+        i, tr = row["tasks"].get("infer"), row["tasks"].get("train")
+        if all(r.get("status") in ("skipped", "failed") for r in (i or {}, tr or {})):
+            continue
+        out.append(f"| {row['label']} | {cell(i, 'ms')} | {cell(i, 'ratio_floor')} | {cell(i, 'ratio_eager')} | "
+                   f"{cell.peak(i)} | {cell(i, 'peak_ratio_eager')} | {cell(tr, 'ms')} | {cell(tr, 'ratio_floor')} | "
+                   f"{cell(tr, 'ratio_eager')} | {cell.peak(tr)} | {cell(tr, 'peak_ratio_eager')} | "
+                   f"{_params_text(row['params'].get('trainable', 0))} |")
+    return out
 
 
 def format_markdown(result: dict) -> str:
@@ -95,6 +136,10 @@ def format_markdown(result: dict) -> str:
            f"transformers {meta['versions']['transformers']}, peft {meta['versions']['peft']}; "
            f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}; {meta['date']}.", ""]
     for case in result["cases"]:
+        if case["level"] == "attention":
+            out += _attention_markdown(case, cell)
+            out += _not_run(case)
+            continue
         out.append(f"**{case['case']}** ({case['level']}): {case['description']}; {case['tokens']} tokens per call; "
                    f"Soft-TF on {case['targets_text']}")
         out.append("")
@@ -111,16 +156,18 @@ def format_markdown(result: dict) -> str:
                        f"{cell(tr, 'ms')} | {cell(tr, 'ratio_floor')} | {cell(tr, 'ratio_lora')} | {cell.peak(tr)} | "
                        f"{cell(tr, 'peak_ratio_eager')} | {cell(g, 'ms')} | {cell(g, 'ratio_floor')} | "
                        f"{_params_text(p.get('trainable', 0))} | {p.get('bytes_per_task', 0) / 2**20:.2f} |")
-        skipped = sorted({f"{row['key']} ({r.get('reason')})" for row in case["rows"] for r in row["tasks"].values()
-                          if r.get("status") in ("skipped", "failed")})
-        if skipped:
-            out.append("")
-            out.append("Not run: " + "; ".join(skipped) + ".")
+        out += _not_run(case)
+    if result.get("targets_text"):  # model cases only
+        out.append(f"Targets (model level, softtf[{meta['default_backend']}], same run):")
         out.append("")
-    out.append(f"Targets (model level, softtf[{meta['default_backend']}], same run):")
-    out.append("")
-    out.extend(f"- {t}" for t in result.get("targets_text", []))
+        out.extend(f"- {t}" for t in result["targets_text"])
     return "\n".join(out) + "\n"
+
+
+def _not_run(case: dict) -> list[str]:
+    skipped = sorted({f"{row['key']} ({r.get('reason')})" for row in case["rows"] for r in row["tasks"].values()
+                      if r.get("status") in ("skipped", "failed")})
+    return (["", "Not run: " + "; ".join(skipped) + "."] if skipped else []) + [""]
 
 
 def targets_text(targets: list[dict]) -> list[str]:

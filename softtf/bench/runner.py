@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .candidates import Candidate, build_candidates
 from .cases import Case, build_case
-from .config import CANDIDATES, LAYER_CASES, TASKS, BenchConfig
+from .config import TASKS, BenchConfig, case_candidates, case_level
 from .harness import measure_case
 from .meta import loadavg, run_metadata
 from .ratios import add_ratios, targets
@@ -66,8 +66,8 @@ def _measure(config: BenchConfig, device: torch.device) -> dict:
             if hasattr(dynamo.config, attr):
                 setattr(dynamo.config, attr, 64)
     result: dict[str, Any] = {"meta": run_metadata(config, device), "cases": []}
-    calls = {level: sum(config.timing(level)) + 1 for level in ("layer", "model")}  # + the memory call
-    total = len(CANDIDATES) * len(TASKS) * sum(calls["layer" if c in LAYER_CASES else "model"] for c in config.cases)
+    calls = {level: sum(config.timing(level)) + 1 for level in ("layer", "model", "attention")}  # + the memory call
+    total = len(TASKS) * sum(len(case_candidates(c)) * calls[case_level(c)] for c in config.cases)
     pbar = tqdm(total=total, file=sys.stderr, disable=config.no_progress, dynamic_ncols=True, leave=False)
     try:
         for name in config.cases:

@@ -20,7 +20,8 @@ __all__ = ["TrainStep", "eager_gid_step", "infer_step", "soft_gid_step", "with_b
 class TrainStep:
     """One training step: zero_grad + forward + loss + backward + Adam step on ``params`` (train mode).
     The optimizer is created by the first call (the warm-up), so its state is not in the first
-    timed call."""
+    timed call. With no ``params`` (the attention cases' frozen floor) it is forward + backward to
+    the input."""
 
     def __init__(self, case: Case, params: Sequence[nn.Parameter]):
         self.case = case
@@ -28,9 +29,9 @@ class TrainStep:
         self.opt: torch.optim.Optimizer | None = None
 
     def __call__(self) -> Tensor:
-        if self.opt is None:
+        if self.opt is None and self.params:
             self.opt = torch.optim.Adam(self.params, lr=1e-4)
-        self.opt.zero_grad(set_to_none=True)
+        self.zero_grad()
         case = self.case
         x = case.train_inputs
         if isinstance(x, Tensor) and x.requires_grad:
@@ -38,7 +39,8 @@ class TrainStep:
         case.model.train()
         loss = case.loss_fn(case.model, x, case.labels)
         loss.backward()
-        self.opt.step()
+        if self.opt is not None:
+            self.opt.step()
         return loss
 
     def zero_grad(self) -> None:
