@@ -101,6 +101,29 @@ def test_rows_that_must_run(quick_run):
             assert "TRITON_INTERPRET" in rows["softtf[triton]"]["tasks"]["infer"]["reason"]
 
 
+def test_prompt_rows_of_the_vit_case(quick_run):
+    """DualPrompt and NoRGa, alone and with Soft-TF masks, run on the ViT model case; their
+    parameters are the official prompts (+ the masks) and Gradient ID does not apply."""
+    _, res = quick_run
+    case = next(c for c in res["cases"] if c["case"] == "vit")
+    rows = {r["key"]: r for r in case["rows"]}
+    mask_values = sum(layer["out"] * layer["in"] for layer in rows["softtf[reference]"]["params"]["per_layer"])
+    for key in bench.PROMPT_CANDIDATES:
+        row = rows[key]
+        for task in ("infer", "train"):
+            assert row["tasks"][task]["status"] == "ok", (key, task, row["tasks"][task])
+            assert row["tasks"][task]["ratio_floor"] > 0
+        assert row["tasks"]["gid"]["status"] == "n/a"
+        layers, masks = row["config"]["prefix_layers"], row["config"]["masks"]
+        assert layers == [0, 1, 2, 3]  # the tiny ViT's 4 blocks: DualPrompt G 0-1 + E 2-3, NoRGa E 0-3
+        heads_dim = 64  # H * D of the tiny ViT
+        prompts = len(layers) * 2 * 5 * heads_dim
+        assert row["params"]["stored_per_task"] == prompts + (mask_values if masks else 0), key
+    for case in res["cases"]:
+        if case["case"] != "vit":
+            assert not set(bench.PROMPT_CANDIDATES) & {r["key"] for r in case["rows"]}
+
+
 def test_parameter_counts(quick_run):
     _, res = quick_run
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[res["meta"]["args"]["mask_dtype"]]

@@ -39,6 +39,11 @@ candidates (on exactly the layers Soft-TF masks; all share the frozen base weigh
   ``adapter[matched]`` bottleneck Adapter (Houlsby: down, GELU, up, residual) on the layer output with
                        the bottleneck matched to out*in parameters; ``adapter[small]``: ``--adapter-m`` (8)
 
+prompt candidates of the ViT model case (PROMPT_CANDIDATES; softtf.bench.prompted)
+  ``dualprompt``       DualPrompt's prefixes (G 0-1, E 2-4, length 5) through ``softtf.prefix_attention``
+  ``norga``            NoRGa's gated prefixes (E 0-4, length 5, sigmoid gate, alpha / tau learned)
+  ``<method>+softtf``  the same with Soft-TF masks on the case's targets (the paper's "+ Soft-TF" rows)
+
 attention candidates (ATTENTION_CANDIDATES)
   ``floor``            ``F.scaled_dot_product_attention(q, k, v)`` without prefix: the frozen model's cost
   ``softtf[<b>]``      ``softtf.prefix_attention`` under backend b (cpp on CPU, triton on CUDA, reference)
@@ -72,8 +77,8 @@ from __future__ import annotations
 from .candidates import Candidate, build_candidates, install, matched_lora_rank
 from .cases import Case, build_case
 from .cli import add_arguments, build_parser, config_from_args, main, run
-from .config import (ATTENTION_CANDIDATES, ATTENTION_CASES, CANDIDATES, CASES, LAYER_CASES, MODEL_CASES, TASKS,
-                     BenchConfig, case_candidates)
+from .config import (ATTENTION_CANDIDATES, ATTENTION_CASES, CANDIDATES, CASES, LAYER_CASES, MODEL_CASES, PROMPT_CANDIDATES,
+                     TASKS, BenchConfig, case_candidates)
 from .harness import measure_case
 from .memory import cpu_allocation_profile, measure_peak_bytes
 from .chart import plot
@@ -84,7 +89,7 @@ from .suite import Suite
 
 __all__ = [
     "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "Candidate", "Case",
-    "LAYER_CASES", "MODEL_CASES", "Suite", "TASKS", "add_arguments", "add_ratios", "build_candidates", "build_case",
+    "LAYER_CASES", "MODEL_CASES", "PROMPT_CANDIDATES", "Suite", "TASKS", "add_arguments", "add_ratios", "build_candidates", "build_case",
     "build_parser", "case_candidates", "config_from_args",
     "cpu_allocation_profile", "format_markdown", "format_table", "install", "main", "matched_lora_rank", "measure",
     "measure_case", "measure_peak_bytes", "plot", "run", "targets",

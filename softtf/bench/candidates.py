@@ -3,8 +3,7 @@ attention cases) with its modules, trainable parameters, parameter accounting an
 the reason it cannot run here)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -14,40 +13,16 @@ from softtf_kernels import available_backends
 from ..core.model import set_submodule
 from ..methods.adapter import AdapterLinear, adapter_param_count, matched_bottleneck
 from .attention import ACTIVATIONS, LazyCompiled, PrefixAttention, attention_shape, eager_prefix_attention
+from .candidate import Candidate
 from .cases import Case
 from .config import COMPILED, EAGER, FLOOR, LORA_REF, SOFT_BACKENDS, TASKS, BenchConfig
 from .memory import tensor_bytes
 from .meta import package_version
 from .modules import CompiledMaskedLinear, EagerMaskedLinear, eager_masked_linear, lora_modules, soft_modules
-from .steps import TrainStep, eager_gid_step, infer_step, soft_gid_step, with_backend
+from .prompted import prompt_candidates
+from .steps import eager_gid_step, soft_gid_step
 
 __all__ = ["Candidate", "build_candidates", "failure", "install", "matched_lora_rank"]
-
-
-@dataclass
-class Candidate:
-    key: str
-    label: str
-    kind: str
-    modules: dict[str, nn.Module] = field(default_factory=dict)
-    trainable: list[nn.Parameter] = field(default_factory=list)
-    backend: str | None = None
-    config: dict = field(default_factory=dict)
-    params: dict = field(default_factory=dict)
-    fns: dict[str, Callable[[], Any]] = field(default_factory=dict)  # task -> timed call
-    results: dict[str, dict] = field(default_factory=dict)  # task -> status row
-    static_bytes: int = 0
-    train_step: TrainStep | None = None
-
-    def mark(self, status: str, reason: str, tasks=TASKS) -> None:
-        for t in tasks:
-            self.results[t] = {"status": status, "reason": reason}
-
-    def use_steps(self, case: Case, backend: str | None = None) -> None:
-        """The infer and train calls on this candidate's trainable parameters (under ``backend``)."""
-        self.train_step = TrainStep(case, self.trainable)
-        train = with_backend(self.train_step, backend) if backend else self.train_step
-        self.fns = {"infer": infer_step(case, backend), "train": train}
 
 
 def matched_lora_rank(in_features: int, out_features: int) -> int:
@@ -144,9 +119,10 @@ def _linear_candidates(case: Case, config: BenchConfig, device: torch.device) ->
         soft_mods, soft_reason = soft_modules(case, config), ""
     except Exception as exc:  # pragma: no cover - reported, not raised
         soft_mods, soft_reason = {}, "building SoftLinear failed: " + failure(exc)["reason"]
+    prompt_rows = prompt_candidates(case, config, soft_mods, soft_reason) if case.name == "vit" else []
     return [floor, *_soft_candidates(case, config, device, soft_mods, soft_reason, soft_p),
             *_eager_candidates(case, config, soft_mods, soft_reason, soft_p),
-            *_lora_candidates(case, config, floor), *_adapter_candidates(case, config)]
+            *_lora_candidates(case, config, floor), *_adapter_candidates(case, config), *prompt_rows]
 
 
 def _soft_candidates(case: Case, config: BenchConfig, device: torch.device, soft_mods: dict, soft_reason: str,

@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from typing import Sequence
 
-from .config import CANDIDATES, CASES, MASK_DTYPES, STATS, BenchConfig
+from .config import ALL_CANDIDATES, CASES, MASK_DTYPES, STATS, BenchConfig
 from .chart import plot
 from .report import format_markdown, format_table
 from .runner import measure
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include torch.compile rows (default on, off with --quick)")
     g.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=None,
+    p.add_argument("--candidates", nargs="+", choices=ALL_CANDIDATES, default=None,
                    help="subset of candidates (default all; the floor and lora[matched] always run, ratios need them)")
     p.add_argument("--stat", choices=STATS, default="median",
                    help="statistic of the timed calls used for the table and ratios (JSON has both)")

@@ -9,8 +9,9 @@ import torch
 from softtf_kernels import BACKENDS
 
 __all__ = [
-    "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER", "FLOOR",
-    "LAYER_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates",
+    "ALL_CANDIDATES", "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER",
+    "FLOOR",
+    "LAYER_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "PROMPT_CANDIDATES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates",
     "case_level",
 ]
 
@@ -30,6 +31,9 @@ CANDIDATES = (
 # the attention cases: floor = SDPA without prefix (the frozen model), softtf[<b>] = softtf.prefix_attention
 # under backend b, eager / compiled = the concatenate-and-softmax composite (and torch.compile of it)
 ATTENTION_CANDIDATES = (FLOOR,) + tuple(f"softtf[{b}]" for b in SOFT_BACKENDS) + (EAGER, COMPILED)
+# the ViT model case also runs the prompt methods (softtf.bench.prompted), alone and with masks
+PROMPT_CANDIDATES = ("dualprompt", "dualprompt+softtf", "norga", "norga+softtf")
+ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + ATTENTION_CANDIDATES + PROMPT_CANDIDATES))
 MASK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS = ("median", "min")
 
@@ -41,7 +45,9 @@ def case_level(name: str) -> str:
 
 def case_candidates(name: str) -> tuple[str, ...]:
     """The candidate rows of case ``name``, in order."""
-    return ATTENTION_CANDIDATES if name in ATTENTION_CASES else CANDIDATES
+    if name in ATTENTION_CASES:
+        return ATTENTION_CANDIDATES
+    return CANDIDATES + PROMPT_CANDIDATES if name == "vit" else CANDIDATES
 
 
 def _defaults(quick: bool) -> dict:
