@@ -56,7 +56,7 @@ class SAPTMethod(ContinualMethod):
         self.replay_generator = replay_generator
         classifier.backbone.requires_grad_(False)
         self.routing = Routing()
-        self.blocks = install_routed_lora(classifier.backbone, self.arch, self.routing, self.r, self.alpha / self.r)
+        self.install_blocks()
         self.router = SAPTRouter(classifier.feature_dim)
         classifier.add_module("sapt_router", self.router)  # moves with the classifier
         self.buffers: list[object] = []  # replay inputs per task (a tensor or a dict of tensors)
@@ -71,15 +71,55 @@ class SAPTMethod(ContinualMethod):
 
     def _run(self, inputs, weights: Tensor) -> Tensor:
         with self.routing.use(weights):
-            return self.clf(inputs)
+            return self.run_routed(inputs, weights.shape[1])
+
+    # ---------------------------------------------------------------- the PET blocks (sapt-softtf overrides these)
+    def install_blocks(self) -> None:
+        """Put the routed blocks into the backbone (here: LoRA on q and v)."""
+        self.blocks = install_routed_lora(self.clf.backbone, self.arch, self.routing, self.r, self.alpha / self.r)
+
+    def add_blocks(self, t: int, name: str, device) -> list:
+        params = []
+        for blocks in self.blocks.values():
+            params += blocks.add(device)
+        return params
+
+    def freeze_blocks(self, t: int, name: str) -> None:
+        for blocks in self.blocks.values():
+            blocks.freeze(t)
+
+    def run_routed(self, inputs, n: int) -> Tensor:
+        """Logits with ``self.routing.weights`` [B, n] over the first n blocks (set by the caller)."""
+        return self.clf(inputs)
+
+    def blocks_info(self) -> dict:
+        per_task = sum(self.r * (b.in_features + b.out_features) for b in self.blocks.values())
+        return {"lora_r": self.r, "lora_alpha": self.alpha, "scaling": self.alpha / self.r, "lora_layers": list(self.blocks),
+                "params_per_task": per_task + self.router.dim}
+
+    def blocks_state(self) -> dict[str, Tensor]:
+        out = {}
+        for lname, blocks in self.blocks.items():
+            for t in range(len(self.trained)):
+                out[f"{PREFIX}lora::{lname}::A.{t}"] = blocks.A[t].detach()
+                out[f"{PREFIX}lora::{lname}::B.{t}"] = blocks.B[t].detach()
+        return out
+
+    def load_blocks(self, tensors: dict[str, Tensor], path: str, tasks: list[str]) -> None:
+        device = self.device
+        for t in range(len(tasks)):
+            for blocks in self.blocks.values():
+                blocks.add(device)
+                blocks.freeze(t)
+        own = {f"{PREFIX}lora::{n}::{ab}.{t}": getattr(b, ab)[t] for n, b in self.blocks.items()
+               for t in range(len(tasks)) for ab in ("A", "B")}
+        _restore(own, tensors, path, tasks)
 
     # ---------------------------------------------------------------- training
     def begin_task(self, t, name):
         torch.manual_seed(self.options.seed * 1000 + t)
-        device = self.clf.head.weight.device
-        params = []
-        for blocks in self.blocks.values():
-            params += blocks.add(device)
+        device = self.device
+        params = list(self.add_blocks(t, name, device))
         params.append(self.router.add_key(device))
         params += list(self.router.trans_input.parameters())  # shared, trained on every task
         self.buffers.append(None)
@@ -142,8 +182,7 @@ class SAPTMethod(ContinualMethod):
         return loss
 
     def end_task(self, t, name):
-        for blocks in self.blocks.values():
-            blocks.freeze(t)
+        self.freeze_blocks(t, name)
         self.router.freeze_key(t)
         self.routing_means.append(self._mean_routing(t))
         self.current = None
@@ -179,22 +218,17 @@ class SAPTMethod(ContinualMethod):
             return torch.softmax(self.scores(inputs, n_tasks or self.router.n_keys), dim=-1)
 
     def info(self):
-        per_task = sum(self.r * (b.in_features + b.out_features) for b in self.blocks.values())
-        return {"lora_r": self.r, "lora_alpha": self.alpha, "scaling": self.alpha / self.r, "lora_layers": list(self.blocks),
-                "params_per_task": per_task + self.router.dim,
-                "router_params": sum(p.numel() for p in self.router.trans_input.parameters()),
+        return {**self.blocks_info(), "router_params": sum(p.numel() for p in self.router.trans_input.parameters()),
                 "kl_ratio": self.kl_ratio, "replay": "generator" if self.replay_generator else "buffer",
                 "replay_size": self.replay_size}
 
     # ---------------------------------------------------------------- checkpoints
     def state(self):
-        out = {}
-        for lname, blocks in self.blocks.items():
-            for t in range(len(self.trained)):
-                out[f"{PREFIX}lora::{lname}::A.{t}"] = blocks.A[t].detach()
-                out[f"{PREFIX}lora::{lname}::B.{t}"] = blocks.B[t].detach()
-        for k, v in self.router.state_dict().items():
-            out[f"{PREFIX}router::{k}"] = v.detach()
+        return {**self.blocks_state(), **self.router_state()}, {"method": self.name}
+
+    def router_state(self) -> dict[str, Tensor]:
+        """The router, the saved routing vectors and the replay buffers (``sapt::`` keys)."""
+        out = {f"{PREFIX}router::{k}": v.detach() for k, v in self.router.state_dict().items()}
         for t, mean in enumerate(self.routing_means):
             out[f"{PREFIX}routing_mean::{t}"] = mean.detach()
         for t, buf in enumerate(self.buffers[: len(self.trained)]):
@@ -202,27 +236,19 @@ class SAPTMethod(ContinualMethod):
                 out.update({f"{PREFIX}replay::{t}::{k}": v for k, v in buf.items()})
             elif buf is not None:
                 out[f"{PREFIX}replay::{t}"] = buf
-        return out, {"method": self.name}
+        return out
 
     def load_state(self, tensors, path, tasks):
-        device = self.clf.head.weight.device
+        self.load_blocks(tensors, path, tasks)
+        self.load_router_state(tensors, path, tasks)
+
+    def load_router_state(self, tensors: dict[str, Tensor], path: str, tasks: list[str]) -> None:
+        device = self.device
         for t in range(len(tasks)):
-            for blocks in self.blocks.values():
-                blocks.add(device)
-                blocks.freeze(t)
             self.router.add_key(device)
             self.router.freeze_key(t)
-        own = {f"{PREFIX}lora::{n}::{ab}.{t}": getattr(b, ab)[t] for n, b in self.blocks.items()
-               for t in range(len(tasks)) for ab in ("A", "B")}
-        own.update({f"{PREFIX}router::{k}": v for k, v in self.router.state_dict(keep_vars=True).items()})
-        missing = sorted(k for k in own if k not in tensors)
-        if missing:
-            raise ValueError(f"resume: checkpoint {path!r} does not fit sapt after tasks {tasks}: missing {missing[:4]}")
-        with torch.no_grad():
-            for k, p in own.items():
-                if tensors[k].shape != p.shape:
-                    raise ValueError(f"resume: checkpoint {path!r} {k} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
-                p.copy_(tensors[k])
+        own = {f"{PREFIX}router::{k}": v for k, v in self.router.state_dict(keep_vars=True).items()}
+        _restore(own, tensors, path, tasks)
         self.routing_means, self.buffers = [], []
         for t in range(len(tasks)):
             key = f"{PREFIX}routing_mean::{t}"
@@ -234,6 +260,18 @@ class SAPTMethod(ContinualMethod):
     @property
     def device(self) -> torch.device:
         return self.clf.head.weight.device
+
+
+def _restore(own: dict[str, Tensor], tensors: dict[str, Tensor], path: str, tasks: list[str]) -> None:
+    """Copy checkpoint tensors into ``own`` (key -> parameter), refusing missing keys or other shapes."""
+    missing = sorted(k for k in own if k not in tensors)
+    if missing:
+        raise ValueError(f"resume: checkpoint {path!r} does not fit sapt after tasks {tasks}: missing {missing[:4]}")
+    with torch.no_grad():
+        for k, p in own.items():
+            if tensors[k].shape != p.shape:
+                raise ValueError(f"resume: checkpoint {path!r} {k} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[k])
 
 
 def _buffer(tensors: dict[str, Tensor], key: str, device):
