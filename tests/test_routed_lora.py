@@ -47,11 +47,11 @@ def strided(t, kind):
     if kind == "t" and t.dim() >= 2:
         return t.transpose(0, 1).contiguous().transpose(0, 1)
     if kind == "step":
-        big = torch.empty((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)
+        big = torch.empty((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
         big[..., ::2] = t
         return big[..., ::2]
     if kind == "offset":
-        buf = torch.empty(t.numel() + 3, dtype=t.dtype)
+        buf = torch.empty(t.numel() + 3, dtype=t.dtype, device=t.device)
         v = buf[3:].view(t.shape)
         v.copy_(t)
         return v

@@ -209,19 +209,23 @@ at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Te
 // routed_lora: the rank-(T·r) LoRA of csrc/routed_lora.h, the same source as the CPU kernel, on
 // cuBLAS GEMMs (every step is a thin GEMM or a [tokens, T·r] elementwise op: no custom tile kernel
 // would beat cuBLAS here; Triton is the default CUDA backend of this op as of the others).
+// The checks run before the device guard, which needs a CUDA device to switch to.
 at::Tensor routed_lora(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                        const at::Tensor& weights, double scaling) {
+  const char* op = "softtf::_cuda_routed_lora";
+  check_routed_lora(op, x, lora_a, lora_b, weights, scaling, kCudaKernels);
   c10::cuda::CUDAGuard guard(lora_a.device());
-  return routed_lora_forward("softtf::_cuda_routed_lora", x, lora_a, lora_b, weights, scaling,
-                             kCudaKernels);
+  return routed_lora_forward(op, x, lora_a, lora_b, weights, scaling, kCudaKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_lora_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& weights, double scaling) {
+  const char* op = "softtf::_cuda_routed_lora_backward";
+  check_routed_lora_backward(op, grad_out, x, lora_a, lora_b, weights, scaling, kCudaKernels);
   c10::cuda::CUDAGuard guard(lora_a.device());
-  return softtf::routed_lora_backward("softtf::_cuda_routed_lora_backward", grad_out, x, lora_a,
-                                      lora_b, weights, scaling, kCudaKernels);
+  return softtf::routed_lora_backward(op, grad_out, x, lora_a, lora_b, weights, scaling,
+                                      kCudaKernels);
 }
 
 }  // namespace
