@@ -282,3 +282,10 @@ def test_threads_restored(tmp_path):
                     "--threads", "1"])
     assert torch.get_num_threads() == before
     assert not math.isnan(before)
+
+
+def test_prompt_rows_are_selectable():
+    cfg = bench.BenchConfig(quick=True, cases=["vit"], candidates=list(bench.PROMPT_CANDIDATES))
+    assert cfg.candidates == list(bench.PROMPT_CANDIDATES)
+    with pytest.raises(ValueError, match="unknown"):
+        bench.BenchConfig(quick=True, candidates=["l2p"])

@@ -115,7 +115,7 @@ class BenchConfig:
         self._known("cases", self.cases, CASES)
         if self.candidates is not None:
             self.candidates = list(self.candidates)
-            self._known("candidates", self.candidates, CANDIDATES)
+            self._known("candidates", self.candidates, ALL_CANDIDATES)
         self._known("mask_dtype", [self.mask_dtype], MASK_DTYPES)
         self._known("stat", [self.stat], STATS)
 
