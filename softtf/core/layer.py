@@ -255,8 +255,10 @@ class SoftLinear(LinearWrapper):
     def set_superposed(self, names: Sequence[str], alpha: Tensor) -> None:
         """Superposed mode (Gradient ID): the weight is W ⊙ Σ_t α_t M_t over the tasks ``names``.
 
-        ``alpha`` is [T] (one mixture for the batch) or [B, T] with equal rows: the forward is the
-        same, but autograd then returns ∂/∂α per sample (``alpha.grad`` [B, T]).
+        ``alpha`` is [T] (one mixture for the batch) or [B, T] (sample b uses W ⊙ Σ_t α_bt M_t;
+        autograd returns ∂/∂α per sample, ``alpha.grad`` [B, T]). Equal rows cost one masked GEMM;
+        rows that differ (a router's mixture, SAPT over masks) cost T masked GEMMs, never a masked
+        weight per sample (``softtf_kernels.ops.superposed_linear``).
         """
         names = list(names)
         for n in names:
