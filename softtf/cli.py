@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-activation", choices=PROMPT_ACTIVATIONS, default="sigmoid",
                    help="norga: the gate's activation (default sigmoid, the official Sup-21K scripts)")
     t.add_argument("--task-id", choices=TASK_ID_MODES, default=None,
-                   help=f"task inference at test time (default: prompt; finetune and l2p: none; l2p --masks: prompt). {_TASK_ID_HELP}")
+                   help=f"task inference at test time (default: prompt; finetune, l2p, sapt, sapt-softtf: none; l2p --masks: prompt). "
+                        f"{_TASK_ID_HELP}")
     t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
     t.add_argument("--epochs", type=_nonneg_int, default=20)
     t.add_argument("--batch-size", type=_positive_int, default=24)
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-r", type=_size_or_matched, default=8, help="LoRA rank, or 'matched' (Soft-TF's parameters per task)")
     t.add_argument("--adapter-bottleneck", type=_size_or_matched, default=16,
                    help="bottleneck width of --method adapter, or 'matched' (Soft-TF's parameters per task)")
-    sa = t.add_argument_group("SAPT (--method sapt; the official code's defaults) and its transfer metrics (every method)")
+    sa = t.add_argument_group("SAPT (--method sapt, the official code's defaults; sapt-softtf: Soft-TF masks on --layers/--target-modules "
+                               "instead of LoRA) and its transfer metrics (every method)")
     sa.add_argument("--sapt-r", type=_positive_int, default=4, help="LoRA rank of each task's block on q and v (default 4)")
     sa.add_argument("--sapt-alpha", type=_positive_float, default=32.0, help="LoRA alpha; scaling alpha/r (default 32)")
     sa.add_argument("--sapt-kl-ratio", type=_number(float, lambda v: v >= 0, "a number >= 0"), default=0.5,
