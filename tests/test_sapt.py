@@ -338,3 +338,29 @@ def test_cli_flags_reach_the_run_config(tmp_path):
     assert cfg.reference_acc == [80.0, 81.0, 82.0, 83.0, 84.0] and cfg.transfer_metrics == "official"
     assert RunConfig().sapt_r == 4 and RunConfig().sapt_alpha == 32.0 and RunConfig().sapt_kl_ratio == 0.5
     assert "reference_acc" in RunConfig.RESUME_FREE  # a finished run re-run with a reference gains FWT
+
+
+def test_a_replay_generator_replaces_the_buffer():
+    """The hook for generated replay inputs: called per earlier task with (task, name, n, rng)."""
+    from softtf.cl import ContinualClassifier
+    from softtf.methods.sapt import SAPTMethod
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, num_classes=0, embed_dim=32, depth=1, num_heads=4, global_pool="avg")
+    calls = []
+
+    def generate(s, name, n, rng):
+        calls.append((s, name, n))
+        return torch.randn(n, 3, 16, 16, generator=rng)
+
+    m = SAPTMethod(ContinualClassifier(vit, 4), RunConfig(method="sapt", batch_size=6, sapt_replay_size=0), replay_generator=generate)
+    x = torch.randn(6, 3, 16, 16)
+    for t in range(2):
+        m.begin_task(t, f"task{t}")
+        logits = m.forward(x)
+        loss = m.loss(logits, torch.zeros(6, dtype=torch.long))
+        loss.backward()
+        if t == 1:  # task 0's saved routing is [1] -> [1, 0]: the KL is -mean log p_0 > 0
+            assert float(m.reflection(6).detach()) > 0.0
+        m.end_task(t, f"task{t}")
+    assert calls == [(0, "task0", 6)] * 2 and m.buffers == [None, None] and m.info()["replay"] == "generator"

@@ -87,7 +87,7 @@ class LoRABlocks(nn.Module):
         n = weights.shape[1]
         lora_a = torch.stack(list(self.A[:n])).to(x.dtype)
         lora_b = torch.stack(list(self.B[:n])).to(x.dtype)
-        return kernel_ops.routed_lora(x, lora_a, lora_b, weights.to(x.dtype), scaling)
+        return kernel_ops.routed_lora(x, lora_a, lora_b, weights, scaling)  # weights stay fp32 (the op takes any dtype)
 
 
 class RoutedLoRALinear(nn.Module):
