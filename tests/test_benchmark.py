@@ -1,5 +1,6 @@
 """`softtf bench --quick`: structure of the JSON, every row present, parameter accounting, PNG; the
-attention cases (softtf.prefix_attention against the eager composite and SDPA without prefix).
+attention cases (softtf.prefix_attention against the eager composite and SDPA without prefix); the
+routed-LoRA cases have their own file (tests/test_bench_lora.py).
 
 No timing asserts: only that numbers exist where a row ran, and that failures carry a reason.
 """
@@ -83,8 +84,8 @@ def test_rows_that_must_run(quick_run):
     if res["meta"]["device"] == "cpu":
         must.append("softtf[cpp]")
     for case in res["cases"]:
-        if case["level"] == "attention":
-            continue  # test_attention_rows
+        if case["level"] in ("attention", "lora"):
+            continue  # test_attention_rows, tests/test_bench_lora.py
         rows = {r["key"]: r for r in case["rows"]}
         for key in must:
             for task in ("infer", "train"):
@@ -128,8 +129,8 @@ def test_parameter_counts(quick_run):
     _, res = quick_run
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[res["meta"]["args"]["mask_dtype"]]
     for case in res["cases"]:
-        if case["level"] == "attention":
-            continue  # test_attention_rows
+        if case["level"] in ("attention", "lora"):
+            continue  # test_attention_rows, tests/test_bench_lora.py
         rows = {r["key"]: r for r in case["rows"]}
         soft = rows["softtf[cpp]"]["params"] if "softtf[cpp]" in rows else rows["softtf[reference]"]["params"]
         assert len(soft["per_layer"]) == len(case["targets"]) >= 1

@@ -1,5 +1,7 @@
 """``softtf bench``: throughput and peak memory of Soft-TF against LoRA, Adapters and the eager reference,
-and of ``softtf.prefix_attention`` against the eager composite and SDPA without prefix.
+and of ``softtf.prefix_attention`` against the eager composite and SDPA without prefix, and of SAPT's
+``routed_lora`` against the official loop over T PEFT LoRA modules (``lora_t5``, ``lora_t10``,
+``lora_t20``).
 
     softtf bench [--quick] [--output DIR] [--json PATH] [--cases vit_qkv vit ...] [--device cpu]
     python -m softtf.bench ...                         (same thing without the console script)
@@ -20,7 +22,11 @@ cases
   Soft-TF on query/key/value of layers 9-11); attention: ``attn_dualprompt`` (activation "none") and
   ``attn_norga`` (sigmoid gate), one attention call at ViT-B/16 shapes (H 12, D 64, ``--layer-batch``
   x ``--layer-tokens``) with a ``--prefix-len`` (5) prompt; ``train`` there is forward + backward
-  (to qkv and the prompt, + Adam on the prompt, α, τ).
+  (to qkv and the prompt, + Adam on the prompt, α, τ); routed LoRA: ``lora_t5``, ``lora_t10``,
+  ``lora_t20``, SAPT's mixture of T LoRA blocks (r 4, alpha 32) on one frozen 768->768 projection (BERT
+  batch and sequence length): floor = the frozen nn.Linear, ``softtf[<b>]`` = ``routed_lora`` under
+  backend b, ``eager`` = the official loop over the T adapters of a PEFT LoraLayer; ``train`` there is
+  forward + backward to x, A, B and the [B, T] routing weights (+ Adam on A, B, weights).
 
 candidates (on exactly the layers Soft-TF masks; all share the frozen base weights)
   ``floor``            the unmodified frozen layer/model. Its training step trains only the biases of
@@ -67,8 +73,9 @@ Output: a table on stdout, JSON (``--json``, default ``DIR/bench.json``), a PNG 
 progress on stderr (tqdm).
 
 Modules: ``config`` (names, :class:`BenchConfig`), ``cases``, ``modules`` (eager / compiled /
-SoftLinear / LoRA layers), ``attention`` (the attention cases' modules), ``steps`` (the timed calls),
-``candidates``, ``memory``, ``harness`` (timing), ``ratios``, ``runner`` (a whole run), ``meta``,
+SoftLinear / LoRA layers), ``attention`` (the attention cases' modules), ``routed`` (the routed-LoRA
+cases' modules), ``steps`` (the timed calls), ``candidates``, ``memory``, ``harness`` (timing),
+``ratios``, ``runner`` (a whole run), ``meta``,
 ``report`` (text and Markdown), ``chart`` (PNG), ``suite`` (pytest-benchmark glue), ``cli`` (flags ->
 BenchConfig, outputs).
 """
@@ -77,8 +84,8 @@ from __future__ import annotations
 from .candidates import Candidate, build_candidates, install, matched_lora_rank
 from .cases import Case, build_case
 from .cli import add_arguments, build_parser, config_from_args, main, run
-from .config import (ATTENTION_CANDIDATES, ATTENTION_CASES, CANDIDATES, CASES, LAYER_CASES, MODEL_CASES, PROMPT_CANDIDATES,
-                     TASKS, BenchConfig, case_candidates)
+from .config import (ATTENTION_CANDIDATES, ATTENTION_CASES, CANDIDATES, CASES, LAYER_CASES, LORA_CASES, MODEL_CASES,
+                     PROMPT_CANDIDATES, ROUTED_CANDIDATES, TASKS, BenchConfig, case_candidates)
 from .harness import measure_case
 from .memory import cpu_allocation_profile, measure_peak_bytes
 from .chart import plot
@@ -89,7 +96,8 @@ from .suite import Suite
 
 __all__ = [
     "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "Candidate", "Case",
-    "LAYER_CASES", "MODEL_CASES", "PROMPT_CANDIDATES", "Suite", "TASKS", "add_arguments", "add_ratios", "build_candidates", "build_case",
+    "LAYER_CASES", "LORA_CASES", "MODEL_CASES", "PROMPT_CANDIDATES", "ROUTED_CANDIDATES",
+    "Suite", "TASKS", "add_arguments", "add_ratios", "build_candidates", "build_case",
     "build_parser", "case_candidates", "config_from_args",
     "cpu_allocation_profile", "format_markdown", "format_table", "install", "main", "matched_lora_rank", "measure",
     "measure_case", "measure_peak_bytes", "plot", "run", "targets",

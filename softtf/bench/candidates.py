@@ -1,6 +1,6 @@
 """The candidates of one case: every row of its candidates (CANDIDATES; ATTENTION_CANDIDATES for the
-attention cases) with its modules, trainable parameters, parameter accounting and step functions (or
-the reason it cannot run here)."""
+attention cases; ROUTED_CANDIDATES for the routed-LoRA cases) with its modules, trainable parameters,
+parameter accounting and step functions (or the reason it cannot run here)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -20,6 +20,7 @@ from .memory import tensor_bytes
 from .meta import package_version
 from .modules import CompiledMaskedLinear, EagerMaskedLinear, eager_masked_linear, lora_modules, soft_modules
 from .prompted import prompt_candidates
+from .routed import SAPT_ALPHA, PeftLoop, RoutedLoRA, peft_lora_layer, routed_inits, routed_shape
 from .steps import eager_gid_step, soft_gid_step
 
 __all__ = ["Candidate", "build_candidates", "failure", "install", "matched_lora_rank"]
@@ -85,6 +86,8 @@ def build_candidates(case: Case, config: BenchConfig, device: torch.device) -> l
     run carry a skipped/failed status), the floor installed."""
     if case.level == "attention":
         cands, always = _attention_candidates(case, config, device), {FLOOR, EAGER}
+    elif case.level == "lora":
+        cands, always = _routed_candidates(case, config, device), {FLOOR, EAGER}
     else:
         cands, always = _linear_candidates(case, config, device), {FLOOR, LORA_REF}
     install(case, cands[0])
@@ -266,4 +269,54 @@ def _attention_candidates(case: Case, config: BenchConfig, device: torch.device)
         c.use_steps(case)
     for c in cands:
         c.results.setdefault("gid", dict(_NA_ATTENTION_GID))
+    return cands
+
+
+_NA_ROUTED_GID = {"status": "n/a", "reason": "Gradient ID runs on Soft-TF masks (no routed-LoRA row)"}
+
+
+def _routed_candidates(case: Case, config: BenchConfig, device: torch.device) -> list[Candidate]:
+    """ROUTED_CANDIDATES: the floor (the frozen nn.Linear; its train step is forward + backward to
+    x), softtf_kernels.ops.routed_lora under every backend, and the official loop over the T
+    adapters of a PEFT LoraLayer (key ``eager``). Every row starts from the same A, B and weights."""
+    b, _, d, t, r = routed_shape(case.name, config)
+    lora_a, lora_b, weights = routed_inits(case.name, config, device)
+    scaling = SAPT_ALPHA / r
+    base = case.originals["lin"]
+    blocks = t * r * 2 * d
+    params = {"trainable": blocks + b * t, "stored_per_task": r * 2 * d, "bytes_per_task": 4 * r * 2 * d,
+              "store_dtype": "float32", "per_layer": [],
+              "note": f"T = {t} blocks of A [r, in] + B [out, r], all trained here, + the [B, T] routing weights"}
+    floor = Candidate(FLOOR, "frozen nn.Linear (floor)", "floor", modules=dict(case.originals),
+                      params={**params, "trainable": 0, "stored_per_task": 0, "bytes_per_task": 0, "note": ""},
+                      config={"note": "the frozen projection; train: forward + backward to x"})
+    floor.use_steps(case)
+    cands = [floor]
+    here = available_backends(device, "routed_lora")
+    for bk in SOFT_BACKENDS:
+        c = Candidate(f"softtf[{bk}]", f"routed_lora [{bk}]", "softtf", backend=bk, params=params,
+                      config={"backend": bk, "T": t, "r": r, "scaling": scaling})
+        cands.append(c)
+        reason = _unavailable(bk, device, here)
+        if reason:
+            c.mark("skipped", reason)
+            continue
+        if bk == "triton" and device.type == "cpu":
+            c.label += " (interpreter)"
+        mod = RoutedLoRA(base, lora_a, lora_b, weights, scaling)
+        c.modules, c.trainable = {"lin": mod}, [mod.lora_a, mod.lora_b, mod.weights]
+        c.use_steps(case, bk)
+    loop = Candidate(EAGER, f"PEFT loop over T={t} LoRA", "eager", params=params,
+                     config={"T": t, "r": r, "scaling": scaling, "loop": "peft.tuners.lora.Linear, T adapters"})
+    cands.append(loop)
+    try:
+        mod = PeftLoop(peft_lora_layer(base, lora_a, lora_b), weights)
+        loop.config["peft"] = package_version("peft")
+    except Exception as exc:
+        loop.mark("failed", "PEFT LoRA: " + failure(exc)["reason"], ("infer", "train"))
+    else:
+        loop.modules, loop.trainable = {"lin": mod}, [*mod.blocks(), mod.weights]
+        loop.use_steps(case)
+    for c in cands:
+        c.results.setdefault("gid", dict(_NA_ROUTED_GID))
     return cands

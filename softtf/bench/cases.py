@@ -1,5 +1,6 @@
 """The cases: one linear layer (ViT qkv/proj, BERT query), a whole random-init model (ViT, BERT), or
-one attention call at ViT-B/16 shapes with DualPrompt's / NoRGa's prefix (``attn_*``)."""
+one attention call at ViT-B/16 shapes with DualPrompt's / NoRGa's prefix (``attn_*``), or SAPT's
+mixture of T LoRA blocks on one BERT-base projection (``lora_t*``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +12,8 @@ from torch import Tensor, nn
 
 from ..core.config import SoftConfig, resolve_config
 from .attention import ACTIVATIONS, AttentionHolder, FrozenAttention, attention_shape
-from .config import ATTENTION_CASES, CASES, LAYER_CASES, BenchConfig
+from .config import ATTENTION_CASES, CASES, LAYER_CASES, LORA_CASES, BenchConfig
+from .routed import SAPT_ALPHA, routed_shape
 
 __all__ = ["Case", "LayerHolder", "build_case"]
 
@@ -19,7 +21,7 @@ __all__ = ["Case", "LayerHolder", "build_case"]
 @dataclass
 class Case:
     name: str
-    level: str  # "layer", "model" or "attention"
+    level: str  # "layer", "model", "attention" or "lora"
     description: str
     model: nn.Module
     names: list[str]  # target modules (linear layers; the attention cases: "attn")
@@ -62,6 +64,8 @@ def build_case(name: str, config: BenchConfig, device: torch.device) -> Case:
         case = _bert_case(config, device)
     elif name in ATTENTION_CASES:
         case = _attention_case(name, config, device)
+    elif name in LORA_CASES:
+        case = _routed_case(name, config, device)
     else:
         raise ValueError(f"unknown case {name!r}; choose from {CASES}")
     if case.level == "model":
@@ -143,3 +147,16 @@ def _attention_case(name: str, config: BenchConfig, device: torch.device) -> Cas
     return Case(name, "attention", desc, AttentionHolder(floor), ["attn"], {"attn": floor}, qkv,
                 qkv.clone().requires_grad_(True), None, b * n, b, logits_fn=lambda m, inp: m(inp),
                 loss_fn=lambda m, inp, lab: m(inp).pow(2).mean(), wrap_used="")
+
+
+def _routed_case(name: str, config: BenchConfig, device: torch.device) -> Case:
+    """One frozen BERT-base projection (query / value, d -> d) with T LoRA blocks mixed per sample;
+    x [B, N, d] in (the train step's requires grad: dx is one of the gradients measured)."""
+    b, n, d, t, r = routed_shape(name, config)
+    lin = nn.Linear(d, d, device=device).requires_grad_(False)
+    x = torch.randn(b, n, d, device=device)
+    desc = (f"SAPT routed LoRA on a BERT-base query/value layer {d}->{d}, x [{b}, {n}, {d}], T = {t} blocks, "
+            f"r = {r}, scaling {SAPT_ALPHA}/{r}, weights [{b}, {t}]")
+    return Case(name, "lora", desc, LayerHolder(lin), ["lin"], {"lin": lin}, x, x.clone().requires_grad_(True), None,
+                b * n, b, logits_fn=lambda m, inp: m(inp), loss_fn=lambda m, inp, lab: m(inp).pow(2).mean(),
+                wrap_used="")

@@ -11,8 +11,8 @@ from softtf_kernels import BACKENDS
 __all__ = [
     "ALL_CANDIDATES", "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER",
     "FLOOR",
-    "LAYER_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "PROMPT_CANDIDATES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates",
-    "case_level",
+    "LAYER_CASES", "LORA_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "PROMPT_CANDIDATES", "ROUTED_CANDIDATES",
+    "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates", "case_level",
 ]
 
 TASKS = ("infer", "train", "gid")
@@ -20,7 +20,9 @@ LAYER_CASES = ("vit_qkv", "vit_proj", "bert_query")
 MODEL_CASES = ("vit", "bert")
 # softtf.prefix_attention at ViT-B/16 shapes: DualPrompt's prefix (no gate) and NoRGa's (sigmoid gate)
 ATTENTION_CASES = ("attn_dualprompt", "attn_norga")
-CASES = LAYER_CASES + MODEL_CASES + ATTENTION_CASES
+# SAPT's mixture of T LoRA blocks on one BERT-base projection: softtf_kernels.ops.routed_lora vs the PEFT loop
+LORA_CASES = ("lora_t5", "lora_t10", "lora_t20")
+CASES = LAYER_CASES + MODEL_CASES + ATTENTION_CASES + LORA_CASES
 SOFT_BACKENDS = tuple(b for b in BACKENDS if b != "auto")  # cpp, cuda, triton, reference
 FLOOR, LORA_REF, EAGER, COMPILED = "floor", "lora[matched]", "eager", "compiled"
 CANDIDATES = (
@@ -33,20 +35,27 @@ CANDIDATES = (
 ATTENTION_CANDIDATES = (FLOOR,) + tuple(f"softtf[{b}]" for b in SOFT_BACKENDS) + (EAGER, COMPILED)
 # the ViT model case also runs the prompt methods (softtf.bench.prompted), alone and with masks
 PROMPT_CANDIDATES = ("dualprompt", "dualprompt+softtf", "norga", "norga+softtf")
-ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + ATTENTION_CANDIDATES + PROMPT_CANDIDATES))
+# the routed-LoRA cases: floor = the frozen nn.Linear, softtf[<b>] = routed_lora under backend b,
+# eager = the official code's loop over T PEFT LoRA modules (softtf.bench.routed)
+ROUTED_CANDIDATES = (FLOOR,) + tuple(f"softtf[{b}]" for b in SOFT_BACKENDS) + (EAGER,)
+ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + ATTENTION_CANDIDATES + PROMPT_CANDIDATES + ROUTED_CANDIDATES))
 MASK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS = ("median", "min")
 
 
 def case_level(name: str) -> str:
-    """The level of case ``name``: "layer", "model" or "attention"."""
-    return "layer" if name in LAYER_CASES else "attention" if name in ATTENTION_CASES else "model"
+    """The level of case ``name``: "layer", "model", "attention" or "lora" (routed LoRA)."""
+    if name in LAYER_CASES:
+        return "layer"
+    return "attention" if name in ATTENTION_CASES else "lora" if name in LORA_CASES else "model"
 
 
 def case_candidates(name: str) -> tuple[str, ...]:
     """The candidate rows of case ``name``, in order."""
     if name in ATTENTION_CASES:
         return ATTENTION_CANDIDATES
+    if name in LORA_CASES:
+        return ROUTED_CANDIDATES
     return CANDIDATES + PROMPT_CANDIDATES if name == "vit" else CANDIDATES
 
 
@@ -143,5 +152,5 @@ class BenchConfig:
         return self.json or os.path.join(self.output, "bench.json")
 
     def timing(self, level: str) -> tuple[int, int]:
-        """(warm-up calls, timed calls) of a ``"layer"``, ``"attention"`` or ``"model"`` case."""
+        """(warm-up calls, timed calls) of a ``"layer"``, ``"attention"``, ``"lora"`` or ``"model"`` case."""
         return (self.model_warmup, self.model_repeats) if level == "model" else (self.warmup, self.repeats)

@@ -1,10 +1,23 @@
 """The result as text: the terminal table (also ``bench.txt``), Markdown (``bench.md``), target lines.
 Everything is read from the result dict (the JSON), so a saved ``bench.json`` formats the same. The
 attention cases have their own columns: forward and forward+backward, each with its time to SDPA
-without prefix and to the eager composite, and its peak memory to the eager composite's."""
+without prefix and to the eager composite, and its peak memory to the eager composite's; the
+routed-LoRA cases the same columns against the frozen nn.Linear and the PEFT loop."""
 from __future__ import annotations
 
 __all__ = ["format_markdown", "format_table", "targets_text"]
+
+# level -> (floor's short name, eager row's short name, legend) of the paired fwd / fwd+bwd tables
+_PAIRED = {
+    "attention": ("SDPA", "eager",
+                  "fwd: no_grad forward; fwd+bwd: forward + backward to qkv and the prompt (+ Adam on it); "
+                  "x SDPA: time / SDPA without prefix (the frozen model); "
+                  "x eager: time or peak / the eager composite's"),
+    "lora": ("frozen", "loop",
+             "fwd: no_grad forward; fwd+bwd: forward + backward to x, A, B and the routing weights "
+             "(+ Adam on A, B, weights); x frozen: time / the frozen nn.Linear's; "
+             "x loop: time or peak / the PEFT loop's"),
+}
 
 
 def _mib(b) -> str:
@@ -65,7 +78,7 @@ def format_table(result: dict) -> str:
            f"{'x LoRA':>6} {'peak MiB':>8} {'x eager':>7} | {'gid ms':>8} {'x fl.fwd':>8} | "
            f"{'trainable':>9} {'MiB/task':>8} {'static MiB':>10}")
     for case in result["cases"]:
-        if case["level"] == "attention":
+        if case["level"] in _PAIRED:
             lines += _attention_text(case, cell)
             continue
         lines += ["", f"== {case['case']} ({case['level']}): {case['description']}; {case['tokens']} tokens/call; "
@@ -96,26 +109,28 @@ def _notes(case: dict) -> list[str]:
 
 
 def _attention_text(case: dict, cell: _Cells) -> list[str]:
-    hdr = (f"{'candidate':<28} {'fwd ms':>9} {'x SDPA':>6} {'x eager':>7} {'peak MiB':>8} {'x eager':>7} | "
-           f"{'fwd+bwd ms':>10} {'x SDPA':>6} {'x eager':>7} {'peak MiB':>8} {'x eager':>7} | {'trainable':>9}")
-    lines = ["", f"== {case['case']} (attention): {case['description']}; {case['tokens']} tokens/call",
-             "   fwd: no_grad forward; fwd+bwd: forward + backward to qkv and the prompt (+ Adam on it); "
-             "x SDPA: time / SDPA without prefix (the frozen model); x eager: time or peak / the eager composite's",
-             hdr, "-" * len(hdr)]
+    """The paired fwd / fwd+bwd table of an attention or routed-LoRA case."""
+    fl, eg, legend = _PAIRED[case["level"]]
+    fl, eg = "x " + fl, "x " + eg
+    hdr = (f"{'candidate':<28} {'fwd ms':>9} {fl:>8} {eg:>7} {'peak MiB':>8} {eg:>7} | "
+           f"{'fwd+bwd ms':>10} {fl:>8} {eg:>7} {'peak MiB':>8} {eg:>7} | {'trainable':>9}")
+    lines = ["", f"== {case['case']} ({case['level']}): {case['description']}; {case['tokens']} tokens/call",
+             "   " + legend, hdr, "-" * len(hdr)]
     for row in case["rows"]:
         i, tr = row["tasks"].get("infer"), row["tasks"].get("train")
-        lines.append(f"{row['label'][:28]:<28} {cell(i, 'ms'):>9} {cell(i, 'ratio_floor'):>6} "
+        lines.append(f"{row['label'][:28]:<28} {cell(i, 'ms'):>9} {cell(i, 'ratio_floor'):>8} "
                      f"{cell(i, 'ratio_eager'):>7} {cell.peak(i):>8} {cell(i, 'peak_ratio_eager'):>7} | "
-                     f"{cell(tr, 'ms'):>10} {cell(tr, 'ratio_floor'):>6} {cell(tr, 'ratio_eager'):>7} "
+                     f"{cell(tr, 'ms'):>10} {cell(tr, 'ratio_floor'):>8} {cell(tr, 'ratio_eager'):>7} "
                      f"{cell.peak(tr):>8} {cell(tr, 'peak_ratio_eager'):>7} | "
                      f"{_params_text(row['params'].get('trainable', 0)):>9}")
     return lines + _notes(case)
 
 
 def _attention_markdown(case: dict, cell: _Cells) -> list[str]:
-    out = [f"**{case['case']}** (attention): {case['description']}; {case['tokens']} tokens per call", "",
-           "| candidate | fwd ms | ×SDPA | ×eager | fwd peak MiB | ×eager | fwd+bwd ms | ×SDPA | ×eager "
-           "| fwd+bwd peak MiB | ×eager | trainable |",
+    fl, eg, _ = _PAIRED[case["level"]]
+    out = [f"**{case['case']}** ({case['level']}): {case['description']}; {case['tokens']} tokens per call", "",
+           f"| candidate | fwd ms | ×{fl} | ×{eg} | fwd peak MiB | ×{eg} | fwd+bwd ms | ×{fl} | ×{eg} "
+           f"| fwd+bwd peak MiB | ×{eg} | trainable |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in case["rows"]:
         i, tr = row["tasks"].get("infer"), row["tasks"].get("train")
@@ -136,7 +151,7 @@ def format_markdown(result: dict) -> str:
            f"transformers {meta['versions']['transformers']}, peft {meta['versions']['peft']}; "
            f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}; {meta['date']}.", ""]
     for case in result["cases"]:
-        if case["level"] == "attention":
+        if case["level"] in _PAIRED:
             out += _attention_markdown(case, cell)
             out += _not_run(case)
             continue

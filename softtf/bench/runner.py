@@ -66,7 +66,8 @@ def _measure(config: BenchConfig, device: torch.device) -> dict:
             if hasattr(dynamo.config, attr):
                 setattr(dynamo.config, attr, 64)
     result: dict[str, Any] = {"meta": run_metadata(config, device), "cases": []}
-    calls = {level: sum(config.timing(level)) + 1 for level in ("layer", "model", "attention")}  # + the memory call
+    # + 1: the memory call
+    calls = {level: sum(config.timing(level)) + 1 for level in ("layer", "model", "attention", "lora")}
     total = len(TASKS) * sum(len(case_candidates(c)) * calls[case_level(c)] for c in config.cases)
     pbar = tqdm(total=total, file=sys.stderr, disable=config.no_progress, dynamic_ncols=True, leave=False)
     try:
