@@ -30,18 +30,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
 import sys
 from typing import Sequence
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from . import bench
 from .cl import TASK_ID_MODES, RunConfig, load_data, pretrain, run_continual, text_task_files
 from .cl.config import (CLASSES_PER_TASK, HEAD_MODES, PROMPT_ACTIVATIONS, PROTOCOLS, TASK_ID_INFO, TII_COVARIANCES, TRANSFER_METRICS,
                         protocol_settings)
+from .cl.labelled import LabelledData, targets_of
+from .cl.scenario import scenario_for
 from .cl.seeds import seed_directory, write_summary
 from .core import SoftConfig, load_tensors, save_tensors
 from .methods import method_class, method_names
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training inputs stored per task and replayed for the reflection (default 32; 0: none)")
     sa.add_argument("--reference-acc", default=None, metavar="FILE",
                     help="JSON file of single-task accuracies (%%) for FWT: a list in task order or {task name: acc}")
+    sa.add_argument("--single-task-reference", action="store_true",
+                    help="first train each task alone (same method and flags; OUTPUT/single-task/TASK, resumable) and use "
+                         "their accuracies as --reference-acc")
     sa.add_argument("--transfer-metrics", choices=TRANSFER_METRICS, default="paper",
                     help="paper: FWT against --reference-acc, BWT over T-1 tasks; official: SAPT score.py's "
                          "(FWT = mean diagonal - 50.94, BWT over all T tasks)")
@@ -280,6 +288,8 @@ def _train(args) -> int:
     seeds = args.seeds if args.seeds is not None else [args.seed]
     if len(set(seeds)) != len(seeds):
         raise CliError(f"--seeds must be distinct, got {seeds}")
+    if args.single_task_reference and args.reference_acc:
+        raise CliError("--single-task-reference computes the reference accuracies; do not also pass --reference-acc")
     configs = {seed: _run_config(args, seed) for seed in seeds}  # checks every flag (--device too) before any work
     _prepare_output(args.output)
     if args.threads:
@@ -305,6 +315,8 @@ def _train(args) -> int:
             _prepare_output(output)
         data = load_data(args.data, img_size=args.img_size, tokenizer=tokenizer, seed=seed, max_length=args.max_length,
                          task_order=args.task_order)
+        if args.single_task_reference:
+            cfg = dataclasses.replace(cfg, reference_acc=_single_task_accuracies(args, cfg, data, output, seed, model))
         if args.model == "vit":
             run_model = _build_vit(args, output, data, seed)
         else:  # a run adapts its backbone in place: each seed starts from the pretrained one
@@ -325,6 +337,43 @@ _SUMMARY = ("method", "task_id_mode", "task_id_label", "protocol", "head", "acc"
 # flag -> RunConfig field of the evaluation options a --protocol preset may set
 _EVAL_FLAGS = {"head": "head", "eval_batch_size": "eval_batch_size", "k_shot": "k_shot", "gradient_topk": "gradient_topk",
                "gradient_logits": "gradient_logits", "prompt_key_init": "prompt_key_init", "prompt_pool": "prompt_pool"}
+
+
+class _TaskOnly(Dataset):
+    """The samples of ``classes`` in ``ds``, relabelled 0..k-1 in that order (a single-task run's data)."""
+
+    def __init__(self, ds: Dataset, classes: list[int]):
+        targets = targets_of(ds)
+        self.index = np.flatnonzero(np.isin(targets, classes))
+        remap = {c: k for k, c in enumerate(classes)}
+        self.ds, self.remap = ds, remap
+        self.targets = np.asarray([remap[int(y)] for y in targets[self.index]], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        x, y = self.ds[int(self.index[i])]
+        return x, self.remap[int(y)]
+
+
+def _single_task_accuracies(args, cfg: RunConfig, data, output: str, seed: int, bert) -> list[float]:
+    """``--single-task-reference``: each task of the run trained alone from the pretrained backbone
+    (its classes relabelled, one task, the run's method and recipe) into OUTPUT/single-task/TASK;
+    returns their accuracies, the reference of SAPT's FWT."""
+    scenario = scenario_for(data, cfg.n_tasks, seed=cfg.seed)
+    one = dataclasses.replace(cfg, n_tasks=1, reference_acc=None)
+    accs = []
+    for t in range(cfg.n_tasks):
+        classes, name = scenario.task_classes[t], scenario.task_name(t)
+        sub = LabelledData(_TaskOnly(data.train, classes), _TaskOnly(data.test, classes), len(classes),
+                           [data.class_names[c] for c in classes], data.kind, {**data.info, "single_task_of": name})
+        backbone = _build_vit(args, output, data, seed) if args.model == "vit" else copy.deepcopy(bert)
+        torch.manual_seed(seed)
+        res = run_continual(backbone, sub, one, output_dir=os.path.join(output, "single-task", name),
+                            extra_info={"cli": {"model": args.model, "data": args.data, "single_task_of": name}})
+        accs.append(float(res["acc"]))
+    return accs
 
 
 def _reference_acc(args) -> list | None:

@@ -364,3 +364,24 @@ def test_a_replay_generator_replaces_the_buffer():
             assert float(m.reflection(6).detach()) > 0.0
         m.end_task(t, f"task{t}")
     assert calls == [(0, "task0", 6)] * 2 and m.buffers == [None, None] and m.info()["replay"] == "generator"
+
+
+def test_cli_single_task_reference_runs_each_task_alone(tmp_path, capsys):
+    from softtf.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "vit", "--data", "digits", "--tasks", "2", "--method", "sapt", "--img-size", "16",
+            "--patch-size", "4", "--depth", "1", "--embed-dim", "32", "--heads", "4", "--pretrain-epochs", "1",
+            "--epochs", "1", "--lr", "0.01", "--no-progress", "--output", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--single-task-reference", "--reference-acc", "x.json"])
+    assert exc.value.code == 2 and "do not also pass --reference-acc" in capsys.readouterr().err
+    assert main([*argv, "--single-task-reference"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    singles = [json.loads((out / "single-task" / f"task{t}" / "results.json").read_text()) for t in range(2)]
+    assert [s["n_tasks"] for s in singles] == [1, 1] and singles[1]["data"]["single_task_of"] == "task1"
+    ref = [s["acc"] for s in singles]
+    assert res["run_config"]["reference_acc"] == ref
+    A = res["accuracy_matrix"]
+    assert res["sapt"]["FWT"] == pytest.approx(((A[0][0] - ref[0]) + (A[1][1] - ref[1])) / 2)
+    assert (out / "pretrained_backbone.safetensors").is_file()  # warmed up once, shared by the single-task runs and the run
