@@ -205,7 +205,7 @@ def test_prompt_id_run_writes_outputs_and_resumes(backbone, digits, tmp_path, mo
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"method": "ewc"}, r"method must be one of \('softtf', 'finetune', 'lora', 'adapter', 'l2p', 'dualprompt', 'norga'\)"),
+        ({"method": "ewc"}, r"method must be one of \('softtf', 'finetune', 'lora', 'adapter', 'l2p', 'dualprompt', 'norga', 'sapt'"),
         ({"task_id": "psychic"}, "task_id must be one of"),
         ({"method": "finetune", "task_id": "gradient"}, r"method 'finetune' supports task_id in \('none', 'oracle'\)"),
         ({"method": "lora", "task_id": "gradient-sample"}, r"method 'lora' supports task_id in \('oracle', 'prompt', 'prompt-vote', 'classifier'\)"),
