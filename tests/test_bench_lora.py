@@ -146,3 +146,43 @@ def test_candidates_selection(tmp_path):
     for key in ("floor", "softtf[cpp]", "eager"):
         assert rows[key]["tasks"]["train"]["status"] == "ok", key
     assert rows["softtf[reference]"]["tasks"]["train"]["reason"] == "not selected (--candidates)"
+
+
+def test_sapt_row_of_the_bert_case():
+    """The BERT model case's SAPT row: routed LoRA on q and v of every layer (T = 5, block 4 and key
+    4 train, blocks and keys 0-3 frozen), routed by SAPT's router; inert for the other rows."""
+    pytest.importorskip("transformers")
+    from softtf.bench.sapt_rows import SAPT_TASKS
+    from softtf.methods.sapt_layers import RoutedLoRALinear
+
+    config = bench.BenchConfig(quick=True, compile=False, no_progress=True)
+    case = bench.build_case("bert", config, CPU)
+    assert bench.case_candidates("bert")[-1] == "sapt" and "sapt" not in bench.case_candidates("vit")
+    with torch.no_grad():
+        case.model.eval()
+        plain = case.logits_fn(case.model, case.inputs)
+    cands = {c.key: c for c in bench.build_candidates(case, config, CPU)}
+    assert list(cands) == list(bench.case_candidates("bert"))
+    sapt, floor = cands["sapt"], cands["floor"]
+    n_layers = len(case.model.bert.encoder.layer)
+    routed = [m for m in sapt.modules.values() if isinstance(m, RoutedLoRALinear)]
+    assert len(routed) == 2 * n_layers and all(len(m.lora) == SAPT_TASKS for m in routed)
+    # the other rows see the plain model: the routed layers outside the targets are inert
+    bench.install(case, floor)
+    with torch.no_grad():
+        torch.testing.assert_close(floor.fns["infer"](), plain)
+    bench.install(case, sapt)
+    with torch.no_grad():
+        assert not torch.allclose(sapt.fns["infer"](), plain, atol=1e-4)
+    sapt.fns["train"]()
+    router = sapt.modules["sapt_router"]
+    assert router.keys[SAPT_TASKS - 1].grad is not None and router.keys[0].grad is None
+    assert all(m.lora.A[SAPT_TASKS - 1].grad is not None and m.lora.A[0].grad is None for m in routed)
+    assert routed[0].lora.B[SAPT_TASKS - 1].grad.abs().sum() > 0  # the gradient reaches layer 0
+    r = 4
+    lora_values = sum(r * (m.base.in_features + m.base.out_features) for m in routed)
+    assert sapt.params["stored_per_task"] == lora_values + router.dim
+    assert sapt.results["gid"]["status"] == "n/a"
+    bench.install(case, floor)
+    with torch.no_grad():
+        torch.testing.assert_close(floor.fns["infer"](), plain)

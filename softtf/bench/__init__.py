@@ -50,6 +50,10 @@ prompt candidates of the ViT model case (PROMPT_CANDIDATES; softtf.bench.prompte
   ``norga``            NoRGa's gated prefixes (E 0-4, length 5, sigmoid gate, alpha / tau learned)
   ``<method>+softtf``  the same with Soft-TF masks on the case's targets (the paper's "+ Soft-TF" rows)
 
+SAPT candidate of the BERT model case (SAPT_CANDIDATES; softtf.bench.sapt_rows)
+  ``sapt``             routed LoRA (r 4, alpha 32) on query + value of every layer, T = 5 blocks (block 4
+                       and key 4 train), routed per sample by SAPT's router through ``routed_lora``
+
 attention candidates (ATTENTION_CANDIDATES)
   ``floor``            ``F.scaled_dot_product_attention(q, k, v)`` without prefix: the frozen model's cost
   ``softtf[<b>]``      ``softtf.prefix_attention`` under backend b (cpp on CPU, triton on CUDA, reference)
@@ -85,7 +89,7 @@ from .candidates import Candidate, build_candidates, install, matched_lora_rank
 from .cases import Case, build_case
 from .cli import add_arguments, build_parser, config_from_args, main, run
 from .config import (ATTENTION_CANDIDATES, ATTENTION_CASES, CANDIDATES, CASES, LAYER_CASES, LORA_CASES, MODEL_CASES,
-                     PROMPT_CANDIDATES, ROUTED_CANDIDATES, TASKS, BenchConfig, case_candidates)
+                     PROMPT_CANDIDATES, ROUTED_CANDIDATES, SAPT_CANDIDATES, TASKS, BenchConfig, case_candidates)
 from .harness import measure_case
 from .memory import cpu_allocation_profile, measure_peak_bytes
 from .chart import plot
@@ -96,7 +100,7 @@ from .suite import Suite
 
 __all__ = [
     "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "Candidate", "Case",
-    "LAYER_CASES", "LORA_CASES", "MODEL_CASES", "PROMPT_CANDIDATES", "ROUTED_CANDIDATES",
+    "LAYER_CASES", "LORA_CASES", "MODEL_CASES", "PROMPT_CANDIDATES", "ROUTED_CANDIDATES", "SAPT_CANDIDATES",
     "Suite", "TASKS", "add_arguments", "add_ratios", "build_candidates", "build_case",
     "build_parser", "case_candidates", "config_from_args",
     "cpu_allocation_profile", "format_markdown", "format_table", "install", "main", "matched_lora_rank", "measure",

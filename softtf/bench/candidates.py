@@ -21,6 +21,7 @@ from .meta import package_version
 from .modules import CompiledMaskedLinear, EagerMaskedLinear, eager_masked_linear, lora_modules, soft_modules
 from .prompted import prompt_candidates
 from .routed import SAPT_ALPHA, PeftLoop, RoutedLoRA, peft_lora_layer, routed_inits, routed_shape
+from .sapt_rows import sapt_candidates
 from .steps import eager_gid_step, soft_gid_step
 
 __all__ = ["Candidate", "build_candidates", "failure", "install", "matched_lora_rank"]
@@ -123,6 +124,8 @@ def _linear_candidates(case: Case, config: BenchConfig, device: torch.device) ->
     except Exception as exc:  # pragma: no cover - reported, not raised
         soft_mods, soft_reason = {}, "building SoftLinear failed: " + failure(exc)["reason"]
     prompt_rows = prompt_candidates(case, config, soft_mods, soft_reason) if case.name == "vit" else []
+    if case.name == "bert":
+        prompt_rows = sapt_candidates(case, config)
     return [floor, *_soft_candidates(case, config, device, soft_mods, soft_reason, soft_p),
             *_eager_candidates(case, config, soft_mods, soft_reason, soft_p),
             *_lora_candidates(case, config, floor), *_adapter_candidates(case, config), *prompt_rows]

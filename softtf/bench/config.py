@@ -12,7 +12,7 @@ __all__ = [
     "ALL_CANDIDATES", "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER",
     "FLOOR",
     "LAYER_CASES", "LORA_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "PROMPT_CANDIDATES", "ROUTED_CANDIDATES",
-    "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates", "case_level",
+    "SAPT_CANDIDATES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates", "case_level",
 ]
 
 TASKS = ("infer", "train", "gid")
@@ -38,7 +38,10 @@ PROMPT_CANDIDATES = ("dualprompt", "dualprompt+softtf", "norga", "norga+softtf")
 # the routed-LoRA cases: floor = the frozen nn.Linear, softtf[<b>] = routed_lora under backend b,
 # eager = the official code's loop over T PEFT LoRA modules (softtf.bench.routed)
 ROUTED_CANDIDATES = (FLOOR,) + tuple(f"softtf[{b}]" for b in SOFT_BACKENDS) + (EAGER,)
-ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + ATTENTION_CANDIDATES + PROMPT_CANDIDATES + ROUTED_CANDIDATES))
+# the BERT model case also runs SAPT (softtf.bench.sapt_rows): routed LoRA on q and v of every layer, T = 5
+SAPT_CANDIDATES = ("sapt",)
+ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + ATTENTION_CANDIDATES + PROMPT_CANDIDATES + ROUTED_CANDIDATES
+                                     + SAPT_CANDIDATES))
 MASK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS = ("median", "min")
 
@@ -56,6 +59,8 @@ def case_candidates(name: str) -> tuple[str, ...]:
         return ATTENTION_CANDIDATES
     if name in LORA_CASES:
         return ROUTED_CANDIDATES
+    if name == "bert":
+        return CANDIDATES + SAPT_CANDIDATES
     return CANDIDATES + PROMPT_CANDIDATES if name == "vit" else CANDIDATES
 
 
