@@ -205,6 +205,9 @@ def test_seeds_run_per_seed_directories_and_a_summary(tmp_path, capsys):
     assert summary["metrics"]["acc"]["mean"] == pytest.approx(np.mean(accs))
     assert summary["metrics"]["acc"]["std"] == pytest.approx(np.std(accs, ddof=1))
     assert set(summary["heads"]) == {"full", "task"}
+    aps = [r["sapt"]["AP"] for r in per_seed]  # SAPT's metrics are summarized too
+    assert summary["sapt"]["AP"]["values"] == aps and summary["sapt"]["AP"]["mean"] == pytest.approx(np.mean(aps))
+    assert summary["heads"]["task"]["sapt"]["F.Ra"]["values"] == [r["heads"]["task"]["sapt"]["F.Ra"] for r in per_seed]
     assert per_seed[0]["run_config"]["seed"] == 0 and per_seed[1]["run_config"]["seed"] == 1
     printed = capsys.readouterr().out
     assert '"seeds": [' in printed and "summary.json" in printed

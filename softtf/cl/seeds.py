@@ -18,6 +18,7 @@ __all__ = ["SCALAR_METRICS", "LABELS", "seed_directory", "aggregate", "write_sum
 
 SCALAR_METRICS = ("acc", "forgetting", "forgetting_official", "bwt", "task_id_accuracy", "task_id_accuracy_per_task")
 HEAD_METRICS = ("acc", "forgetting", "forgetting_official", "bwt")
+TRANSFER_METRICS = ("AP", "F.Ra", "FWT", "BWT")  # SAPT's names, under "sapt" in every summary
 # what must agree between the runs of one summary
 LABELS = ("method", "task_id_mode", "task_id_label", "protocol", "head", "n_tasks")
 
@@ -33,6 +34,14 @@ def _stats(values: list) -> dict:
         return {"values": values, "mean": None, "std": None}
     arr = np.asarray(known, dtype=np.float64)
     return {"values": known, "mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None}
+
+
+def _transfer_stats(summaries: list[dict]) -> dict | None:
+    """Mean and std of SAPT's AP / F.Ra / FWT / BWT over seeds (None if a record has none)."""
+    blocks = [rec.get("sapt") for rec in summaries]
+    if any(b is None for b in blocks):
+        return None
+    return {"variant": blocks[0].get("variant"), **{m: _stats([b.get(m) for b in blocks]) for m in TRANSFER_METRICS}}
 
 
 def aggregate(records: list[dict], seeds: list[int]) -> dict:
@@ -51,8 +60,10 @@ def aggregate(records: list[dict], seeds: list[int]) -> dict:
         "seeds": list(seeds),
         "std_definition": "sample standard deviation over seeds (ddof=1); None with one seed",
         "metrics": {m: _stats([rec.get(m) for rec in records]) for m in SCALAR_METRICS},
+        "sapt": _transfer_stats(records),
         "heads": {
-            head: {m: _stats([rec["heads"][head].get(m) for rec in records]) for m in HEAD_METRICS}
+            head: {**{m: _stats([rec["heads"][head].get(m) for rec in records]) for m in HEAD_METRICS},
+                   "sapt": _transfer_stats([rec["heads"][head] for rec in records])}
             for head in first.get("heads", {})
         },
     }
