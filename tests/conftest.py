@@ -25,11 +25,22 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the test: 2-core CI boxes shared with other jobs stall on OpenMP
-    oversubscription. Modules that train use it with ``pytestmark = pytest.mark.usefixtures``."""
+def _single_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: 2-core CI boxes shared with other jobs stall on OpenMP
+    oversubscription. Modules that train use it with ``pytestmark = pytest.mark.usefixtures``."""
+    yield from _single_thread()
+
+
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """One torch thread for a whole module, its module-scoped fixtures (a pretrained backbone)
+    included: request it from those fixtures, or ``pytestmark = pytest.mark.usefixtures``."""
+    yield from _single_thread()

@@ -24,12 +24,8 @@ EPOCHS, LR = 2, 0.01
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 2-core CI boxes shared with other jobs: one thread avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(module_one_thread):
+    """Every test and module fixture here runs on one torch thread (conftest)."""
 
 
 @pytest.fixture(scope="module")

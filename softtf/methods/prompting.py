@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from ..core.batch import batch_size
 from ..core.config import SoftConfig
 from ..core.files import load_tensors, save_tensors
-from ..core.model import SoftModel, load_masks, save_masks, wrap
+from ..core.model import SoftModel, save_masks, wrap
 from ..inference.gradient_id import predict_with_tasks
 from ..prompts import PromptedViT
-from .base import EXTRA_PREFIX, ContinualMethod, checkpoint_extras
+from .base import EXTRA_PREFIX, ContinualMethod, checkpoint_extras, load_mask_checkpoint
 
 __all__ = ["PromptMethod", "PROMPT_TASK_ID_MODES", "METHOD_PREFIX"]
 
@@ -135,10 +135,7 @@ class PromptMethod(ContinualMethod):
             tensors = load_tensors(path)
             extras = checkpoint_extras(tensors)
         else:
-            extras = load_masks(self.soft, path)
-            if self.soft.tasks != tasks:
-                raise ValueError(f"resume: checkpoint {path!r} holds tasks {self.soft.tasks}, expected {tasks}")
-            tensors = {k: extras.pop(k) for k in list(extras) if k.startswith(METHOD_PREFIX)}
+            tensors, extras = load_mask_checkpoint(self.soft, path, tasks, METHOD_PREFIX)
         self.load_state(tensors, path, tasks)
         self.trained = list(tasks)
         return extras

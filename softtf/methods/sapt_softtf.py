@@ -23,7 +23,8 @@ from torch import Tensor
 from softtf_kernels.ops import superposed_linear
 
 from ..core.config import SoftConfig
-from ..core.model import SoftModel, load_masks, save_masks, wrap
+from ..core.model import SoftModel, save_masks, wrap
+from .base import load_mask_checkpoint
 from .registry import register
 from .sapt import PREFIX, SAPTMethod
 
@@ -88,10 +89,7 @@ class SAPTSoftTFMethod(SAPTMethod):
         save_masks(self.soft, path, extra={**extra, **self.router_state()})
 
     def load(self, path, tasks):
-        extras = load_masks(self.soft, path)
-        if self.soft.tasks != tasks:
-            raise ValueError(f"resume: checkpoint {path!r} holds tasks {self.soft.tasks}, expected {tasks}")
-        mine = {k: extras.pop(k) for k in list(extras) if k.startswith(PREFIX)}
+        mine, extras = load_mask_checkpoint(self.soft, path, tasks, PREFIX)
         self.load_router_state(mine, path, tasks)
         self.trained = list(tasks)
         return extras

@@ -5,9 +5,9 @@ import torch
 from torch import Tensor
 
 from ..core.config import SoftConfig
-from ..core.model import SoftModel, load_masks, save_masks, wrap
+from ..core.model import SoftModel, save_masks, wrap
 from ..inference.gradient_id import gradient_id, predict_with_tasks
-from .base import ContinualMethod
+from .base import ContinualMethod, load_mask_checkpoint
 from .registry import register
 
 __all__ = ["SoftTFMethod"]
@@ -57,8 +57,6 @@ class SoftTFMethod(ContinualMethod):
         save_masks(self.soft, path, extra=extra)  # masks + config + task names (the mask-file format)
 
     def load(self, path, tasks):
-        extras = load_masks(self.soft, path)
-        if self.soft.tasks != tasks:
-            raise ValueError(f"resume: checkpoint {path!r} holds tasks {self.soft.tasks}, expected {tasks}")
+        _, extras = load_mask_checkpoint(self.soft, path, tasks)
         self.trained = list(tasks)
         return extras
