@@ -42,6 +42,7 @@ from .core import (
     soft_layers,
     superposed_linear,
     use_task,
+    use_tasks,
     wrap,
 )
 from .inference import GradientIDResult, PromptID, cls_feature, entropy, gradient_id, predict_with_tasks
@@ -56,5 +57,5 @@ __all__ = [
     "__version__", "cls_feature", "entropy", "get_backend", "gradient_id", "load_cifar100", "load_csv_text",
     "load_data", "load_digits", "load_image_folder", "load_masks", "load_soft_model", "metrics",
     "plot_accuracy_curve", "plot_accuracy_matrix", "predict_with_tasks", "pretrain", "read_mask_file",
-    "run_continual", "save_masks", "set_backend", "soft_layers", "superposed_linear", "use_backend", "use_task", "wrap",
+    "run_continual", "save_masks", "set_backend", "soft_layers", "superposed_linear", "use_backend", "use_task", "use_tasks", "wrap",
 ]

@@ -247,3 +247,73 @@ def test_prompt_id_refuses_non_finite_queries():
     with pytest.raises(ValueError, match=r"PromptID.predict: similarities of samples \[1, 4\] are not finite \(NaN/Inf in the query features: the inputs or the model\); task inference needs finite inputs"):
         pid.predict(q)
     assert pid.predict(q[[0, 2, 3]]).shape == (3,)
+
+
+# ---------------------------------------------------------------- per-call tasks per sample (issue 15)
+def _wrapped_vit(names=("a", "b", "c"), frozen=("a",)):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = softtf.wrap(VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=4))
+    for i, name in enumerate(names):
+        model.add_task(name, init=("uniform", 0.5, 1.5), seed=i)
+        if name in frozen:
+            model.freeze_task(name)
+    return model.eval()
+
+
+def test_task_names_per_sample_equal_one_call_per_sample():
+    model = _wrapped_vit()
+    x = torch.randn(6, 3, 16, 16)
+    names = ["b", "a", "c", "c", "a", "b"]
+    with torch.no_grad():
+        mixed = model(x, task_names=names)
+        single = torch.cat([model(x[i:i + 1], task_names=n) for i, n in enumerate(names)])
+        model.set_task("c")
+        via_layers = torch.cat([(model.set_task(n), model(x[i:i + 1]))[1] for i, n in enumerate(names)])
+        one = model(x, task_names="b")
+        model.set_task("b")
+        assert torch.equal(one, model(x))  # one name: the plain masked forward
+    torch.testing.assert_close(mixed, single, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, via_layers, rtol=1e-5, atol=1e-5)
+    assert model.active_task == "b"  # a call's task_names leave the layers' selection alone
+    with softtf.use_tasks(names), use_task("a"), torch.no_grad():  # the innermost choice wins
+        torch.testing.assert_close(model(x), model(x, task_names="a"))
+
+
+def test_task_names_errors():
+    model = _wrapped_vit()
+    x = torch.randn(3, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"unknown tasks \['zz'\]"):
+        model(x, task_names=["a", "zz", "a"])
+    with pytest.raises(ValueError, match="2 names for a batch of 3 samples"):
+        model(x, task_names=["a", "b"])
+    with pytest.raises(ValueError, match="use_tasks: names must hold"):
+        with softtf.use_tasks([]):
+            pass
+
+
+def test_task_names_from_many_threads_equal_sequential_calls(fast_switching):
+    """Threads serving different mixed batches through one model see only their own tasks."""
+    model = _wrapped_vit(names=("a", "b", "c", "d"), frozen=("a", "c"))
+    x = torch.randn(4, 3, 16, 16)
+    batches = [["a", "b", "c", "d"], ["d", "d", "a", "b"], ["c", "a", "a", "c"], ["b", "c", "d", "a"]]
+    with torch.no_grad():
+        expected = [model(x, task_names=names) for names in batches]
+    wrong = []
+
+    def serve(k):
+        def run():
+            for _ in range(ROUNDS // 10):
+                with torch.no_grad():
+                    y = model(x, task_names=batches[k])
+                if not _close(y, expected[k]):
+                    wrong.append(k)
+        return run
+
+    def meddle():  # the layers' own selection moves all the time; task_names must not care
+        for i in range(ROUNDS):
+            model.set_task("abcd"[i % 4])
+
+    _run_threads(*(serve(k) for k in range(4)), meddle)
+    assert wrong == []

@@ -2,7 +2,7 @@
 from .config import SoftConfig, detect_architecture, layer_index, resolve_config
 from .files import atomic_write, load_tensors, save_tensors, write_json
 from .layer import MaskSwitch, ModeState, SoftLinear, init_mask, preserve_modes, soft_layers, superposed_linear
-from .tasks import current_task, use_task
+from .tasks import current_task, use_task, use_tasks
 from .mask_file import read_mask_file
 from .model import SoftModel, layers_of, load_masks, load_soft_model, save_masks, set_submodule, wrap
 
@@ -10,5 +10,5 @@ __all__ = [
     "MaskSwitch", "ModeState", "SoftConfig", "SoftLinear", "SoftModel", "atomic_write", "detect_architecture",
     "init_mask", "layer_index", "layers_of", "load_masks", "load_soft_model", "load_tensors", "preserve_modes",
     "read_mask_file", "resolve_config", "save_masks", "save_tensors", "set_submodule", "soft_layers",
-    "superposed_linear", "wrap", "write_json", "current_task", "use_task",
+    "superposed_linear", "wrap", "write_json", "current_task", "use_task", "use_tasks",
 ]

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from softtf_kernels import ops
 from softtf_kernels.ops import superposed_linear
 
-from .tasks import MASK_DTYPES, TASK_NAME, MaskInit, ModeState, current_task, init_mask, train_dtype, use_task
+from .tasks import (MASK_DTYPES, TASK_NAME, MaskInit, ModeState, SampleTasks, current_sample_tasks, current_task, init_mask,
+                    train_dtype, use_task, use_tasks)
 
 __all__ = [
     "LinearWrapper", "SoftLinear", "MaskInit", "ModeState", "MaskSwitch", "MASK_DTYPES", "TASK_NAME", "current_task",
-    "init_mask", "preserve_modes", "soft_layers", "superposed_linear", "train_dtype", "use_task",
+    "init_mask", "preserve_modes", "soft_layers", "superposed_linear", "train_dtype", "use_task", "use_tasks",
 ]
 
 
@@ -339,10 +340,15 @@ class SoftLinear(LinearWrapper):
         if torch.compiler.is_compiling():  # traced: the layer's own selection, no lock (graph break)
             return self._select(self._state.active_task)
         with self._lock:  # a concurrent add/freeze/delete lands wholly before or after this
-            return self._select(current_task() or self._state.active_task)
+            return self._select(current_task() or self._state.active_task, current_sample_tasks())
 
-    def _select(self, task: str | None) -> tuple[ModeState, Tensor | None, Tensor | list[Tensor] | None]:
+    def _select(self, task: str | None, sample_tasks: SampleTasks | None = None
+                ) -> tuple[ModeState, Tensor | None, Tensor | list[Tensor] | None]:
         state = self._state
+        if state.mode == "single" and sample_tasks is not None:  # use_tasks: this call's tasks per sample
+            names = sample_tasks.names
+            chosen = ModeState("per_sample", state.active_task, names, task_ids=sample_tasks.ids_on(self.weight.device))
+            return chosen, None, self._mask_refs(names)
         if state.mode == "single":
             return state, None if task is None else self._mask_of(task), None
         if state.mode == "disabled":

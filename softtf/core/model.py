@@ -23,10 +23,23 @@ import torch
 from torch import Tensor, nn
 
 from .config import SoftConfig, resolve_config
-from .layer import MaskSwitch, SoftLinear, soft_layers, use_task
+from .layer import MaskSwitch, SoftLinear, soft_layers, use_task, use_tasks
 from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
 
 __all__ = ["SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model", "layers_of"]
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model call: dim 0 of its first tensor argument (or of a tensor in a
+    mapping: Hugging Face inputs); None if there is none."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, dict):
+            for v in value.values():
+                if isinstance(v, Tensor) and v.dim() > 0:
+                    return int(v.shape[0])
+    return None
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -79,9 +92,23 @@ class SoftModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, task_names: str | Sequence[str] | None = None, **kwargs):
+        """Call the wrapped model. ``task_names``: the task of this call, one name for every sample
+        or one per sample (PEFT's ``adapter_names``): chosen through :func:`use_tasks`, a
+        per-call choice that no other thread sees, rather than by changing the layers."""
         self._check_live()
-        return self.model(*args, **kwargs)
+        if task_names is None:
+            return self.model(*args, **kwargs)
+        names = [task_names] if isinstance(task_names, str) else list(task_names)
+        unknown = sorted(set(names) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"SoftModel: task_names has unknown tasks {unknown} (tasks: {self.tasks or 'none'})")
+        n = _batch_of(args, kwargs)
+        if len(names) > 1 and n is not None and len(names) != n:
+            raise ValueError(f"SoftModel: task_names has {len(names)} names for a batch of {n} samples "
+                             "(give one name per sample, or one name)")
+        with use_tasks(names):
+            return self.model(*args, **kwargs)
 
     def _check_live(self) -> None:
         if self._unwrapped:

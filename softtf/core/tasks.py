@@ -14,7 +14,8 @@ from torch import Tensor
 
 from softtf_kernels.common import acc_dtype
 
-__all__ = ["MASK_DTYPES", "MODES", "MaskInit", "ModeState", "TASK_NAME", "current_task", "init_mask", "train_dtype", "use_task"]
+__all__ = ["MASK_DTYPES", "MODES", "MaskInit", "ModeState", "SampleTasks", "TASK_NAME", "current_sample_tasks", "current_task",
+           "init_mask", "train_dtype", "use_task", "use_tasks"]
 
 MaskInit = Any  # "ones" | ("uniform", low, high)
 TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -22,6 +23,23 @@ MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # The task chosen by ``use_task`` for the current thread / asyncio task (None: the layer's own).
 _CONTEXT_TASK: contextvars.ContextVar[str | None] = contextvars.ContextVar("softtf_task", default=None)
 MODES = ("single", "disabled", "superposed", "per_sample")
+
+
+class SampleTasks:
+    """A per-call choice of one task per sample (:func:`use_tasks`): the distinct ``names`` and
+    ``ids`` [B] (indices into them), with a copy of the ids per device the layers ask for."""
+
+    def __init__(self, names: tuple[str, ...], ids: Tensor):
+        self.names, self.ids = names, ids
+        self._on: dict[torch.device, Tensor] = {ids.device: ids}
+
+    def ids_on(self, device: torch.device) -> Tensor:
+        if device not in self._on:
+            self._on[device] = self.ids.to(device)
+        return self._on[device]
+
+
+_CONTEXT_SAMPLE_TASKS: contextvars.ContextVar[SampleTasks | None] = contextvars.ContextVar("softtf_sample_tasks", default=None)
 
 
 @dataclass(frozen=True)
@@ -72,11 +90,47 @@ def use_task(name: str) -> Iterator[None]:
     """
     if not isinstance(name, str) or not TASK_NAME.match(name):
         raise ValueError(f"use_task: name must be a task name matching [A-Za-z0-9_-]+, got {name!r}")
-    token = _CONTEXT_TASK.set(name)
+    token, sample = _CONTEXT_TASK.set(name), _CONTEXT_SAMPLE_TASKS.set(None)  # the innermost choice wins
     try:
         yield
     finally:
+        _CONTEXT_SAMPLE_TASKS.reset(sample)
         _CONTEXT_TASK.reset(token)
+
+
+@contextlib.contextmanager
+def use_tasks(names: str | Sequence[str]) -> Iterator[None]:
+    """``with softtf.use_tasks(["a", "b", "a"]): y = model(x)``: sample b of the calls inside runs
+    task ``names[b]`` in every SoftLinear in single-task mode (``mixed_task_linear``); one name (or
+    one distinct name) is :func:`use_task`. Like :func:`use_task` it is a context variable, private
+    to the thread / asyncio task, so concurrent calls with different tasks share no state; modes a
+    layer holds for a call (superposed, per-sample, disabled) still win; eager mode only."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise ValueError("use_tasks: names must hold one task name per sample (or one name), got none")
+    for n in names:
+        if not isinstance(n, str) or not TASK_NAME.match(n):
+            raise ValueError(f"use_tasks: task names must match [A-Za-z0-9_-]+, got {n!r}")
+    distinct = tuple(dict.fromkeys(names))
+    if len(distinct) == 1:
+        with use_task(distinct[0]):
+            yield
+        return
+    index = {n: i for i, n in enumerate(distinct)}
+    choice = SampleTasks(distinct, torch.tensor([index[n] for n in names], dtype=torch.long))
+    token, single = _CONTEXT_SAMPLE_TASKS.set(choice), _CONTEXT_TASK.set(None)
+    try:
+        yield
+    finally:
+        _CONTEXT_TASK.reset(single)
+        _CONTEXT_SAMPLE_TASKS.reset(token)
+
+
+def current_sample_tasks() -> SampleTasks | None:
+    """The per-sample choice of the innermost :func:`use_tasks` of this thread / asyncio task."""
+    return _CONTEXT_SAMPLE_TASKS.get()
 
 
 def current_task() -> str | None:
