@@ -317,3 +317,19 @@ def test_task_names_from_many_threads_equal_sequential_calls(fast_switching):
 
     _run_threads(*(serve(k) for k in range(4)), meddle)
     assert wrong == []
+
+
+def test_predict_with_tasks_is_a_per_call_choice():
+    model = _wrapped_vit()
+    x = torch.randn(4, 3, 16, 16)
+    model.set_task("c")
+    states = [layer.mode_state() for layer in model.soft_layers.values()]
+    index = torch.tensor([1, 0, 2, 1])
+    with torch.no_grad():
+        got = softtf.predict_with_tasks(model, x, index, ["a", "b", "c"])
+        torch.testing.assert_close(got, model(x, task_names=["b", "a", "c", "b"]))
+    assert [layer.mode_state() for layer in model.soft_layers.values()] == states
+    with pytest.raises(ValueError, match="indices into tasks"):
+        softtf.predict_with_tasks(model, x, torch.tensor([0, 1, 3, 0]), ["a", "b", "c"])
+    with pytest.raises(KeyError, match="zz"):
+        softtf.predict_with_tasks(model, x, torch.tensor([0, 1, 0, 0]), ["a", "zz"])

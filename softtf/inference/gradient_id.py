@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.batch import batch_size, device_of, take_rows
-from ..core.layer import SoftLinear, preserve_modes, soft_layers
+from ..core.layer import SoftLinear, preserve_modes, soft_layers, use_tasks
 
 __all__ = ["GradientIDResult", "gradient_id", "predict_with_tasks", "entropy"]
 
@@ -190,15 +190,21 @@ def predict_with_tasks(
     tasks: Sequence[str],
     forward_fn: Callable[[Any], Any] | None = None,
 ) -> Tensor:
-    """Logits of ``inputs`` with sample b run under task ``tasks[task_index[b]]`` (mixed-task forward)."""
+    """Logits of ``inputs`` with sample b run under task ``tasks[task_index[b]]`` (mixed-task
+    forward), chosen for this call only (:func:`softtf.use_tasks`: the layers' own selection is
+    untouched, so concurrent calls do not see each other's tasks)."""
     layers = _layers(model)
     tasks = list(tasks)
     n = batch_size(inputs)
     if not isinstance(task_index, Tensor) or task_index.dim() != 1 or task_index.shape[0] != n:
         raise ValueError(f"task_index must be a 1-D tensor with {n} entries (one per sample)")
+    ids = task_index.detach().to(device="cpu", dtype=torch.long)
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= len(tasks)):
+        raise ValueError(f"task_index must hold indices into tasks (0..{len(tasks) - 1}), got {ids.tolist()}")
+    for name in dict.fromkeys(tasks[i] for i in ids.tolist()):
+        layers[0].mask(name)  # KeyError naming an unknown task, before the forward
     forward_fn = model if forward_fn is None else forward_fn
-    ids = task_index.to(device=layers[0].weight.device, dtype=torch.long)
-    with preserve_modes(layers):
-        for layer in layers:
-            layer.set_per_sample(tasks, ids)
+    if n == 0:
+        return _logits(forward_fn(inputs))
+    with use_tasks([tasks[i] for i in ids.tolist()]):
         return _logits(forward_fn(inputs))
