@@ -9,23 +9,11 @@ itself in a subprocess. Dtypes: fp32 / fp16 (the interpreter has no bf16); fp64 
 drawn too and must route forward and backward to the reference. Tiny shapes, around the 16-wide
 tiles of the interpreter, and few cases (it runs every tile in numpy).
 """
-import importlib
 import importlib.util
-import os
 
-from triton_interpreter import load_interpreted_kernels, rerun_under_interpreter  # noqa: E402
+from triton_interpreter import load_interpreted_module, rerun_under_interpreter  # noqa: E402
 
-_kmod, RUN_HERE = load_interpreted_kernels()
-if RUN_HERE:
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:  # decorate the attention kernels for the interpreter too
-        RUN_HERE = importlib.import_module("softtf_kernels.triton.prefix_attention").INTERPRET
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
+_pmod, RUN_HERE = load_interpreted_module("softtf_kernels.triton.prefix_attention")  # the kernels too, for the interpreter
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

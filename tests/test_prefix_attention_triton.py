@@ -4,25 +4,12 @@ masked-linear kernels: the kernels are imported with TRITON_INTERPRET=1 before a
 load triton; if triton was already loaded for a GPU in this process, the tests skip and one test
 reruns this file in a subprocess. Tiny shapes (the interpreter runs tiles in numpy, 16-wide tiles
 here), no bf16 (the interpreter has none)."""
-import importlib
 import importlib.util
 import inspect
-import os
 
-from triton_interpreter import load_interpreted_kernels, rerun_under_interpreter  # noqa: E402
+from triton_interpreter import load_interpreted_module, rerun_under_interpreter  # noqa: E402
 
-_kmod, RUN_HERE = load_interpreted_kernels()
-if RUN_HERE:
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:  # decorate the attention kernels for the interpreter too
-        _pmod = importlib.import_module("softtf_kernels.triton.prefix_attention")
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
-    RUN_HERE = _pmod.INTERPRET
+_pmod, RUN_HERE = load_interpreted_module("softtf_kernels.triton.prefix_attention")  # the kernels too, for the interpreter
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,24 +3,11 @@ CPU, through the Triton interpreter, as tests/test_prefix_attention_triton.py do
 imported with TRITON_INTERPRET=1 before anything else can load triton; if triton was already
 loaded for a GPU in this process, the tests skip and one test reruns this file in a subprocess.
 Small shapes, fp32 / fp16 (the interpreter has no bf16); split-K forced on once."""
-import importlib
 import importlib.util
-import os
 
-from triton_interpreter import load_interpreted_kernels, rerun_under_interpreter  # noqa: E402
+from triton_interpreter import load_interpreted_module, rerun_under_interpreter  # noqa: E402
 
-_kmod, RUN_HERE = load_interpreted_kernels()
-if RUN_HERE:
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:  # decorate the routed-LoRA kernel for the interpreter too
-        _rmod = importlib.import_module("softtf_kernels.triton.lora")
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
-    RUN_HERE = _rmod.INTERPRET
+_rmod, RUN_HERE = load_interpreted_module("softtf_kernels.triton.lora")  # the kernels too, for the interpreter
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

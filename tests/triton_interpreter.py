@@ -24,16 +24,32 @@ def load_interpreted_kernels():
         return None, False
     kmod = sys.modules.get("softtf_kernels.triton.kernels")
     if kmod is None and ("triton" not in sys.modules or triton_lib_interpreted()):
-        before = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            import softtf_kernels.triton.kernels as kmod  # decorates the kernels now
-        finally:
-            if before is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = before
+        kmod = _import_interpreted("softtf_kernels.triton.kernels")  # decorates the kernels now
     return kmod, kmod is not None and bool(kmod.INTERPRET) and triton_lib_interpreted()
+
+
+def load_interpreted_module(name: str):
+    """``(module or None, whether it runs interpreted here)`` for another kernel module ``name``
+    (e.g. ``softtf_kernels.triton.prefix_attention``), after :func:`load_interpreted_kernels`."""
+    _, run_here = load_interpreted_kernels()
+    if not run_here:
+        return None, False
+    mod = _import_interpreted(name)
+    return mod, bool(mod.INTERPRET)
+
+
+def _import_interpreted(name: str):
+    """Import ``name`` with TRITON_INTERPRET=1 (its kernels are decorated for the interpreter if
+    this is their first import), the variable restored after."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module(name)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 def rerun_under_interpreter(test_file: str) -> None:
