@@ -221,6 +221,36 @@ def _adapter_candidates(case: Case, config: BenchConfig) -> list[Candidate]:
     return cands
 
 
+def _frozen_floor(case: Case, label: str, params: dict, note: str) -> Candidate:
+    """The floor row of an op case: the case's frozen modules, nothing stored per task."""
+    floor = Candidate(FLOOR, label, "floor", modules=dict(case.originals),
+                      params={**params, "trainable": 0, "stored_per_task": 0, "bytes_per_task": 0, "note": ""},
+                      config={"note": note})
+    floor.use_steps(case)
+    return floor
+
+
+def _op_rows(case: Case, device: torch.device, op: str, label: str, params: dict, config: dict,
+             build: Callable[[], tuple[dict, list]], reason: Callable[[str], str] = lambda bk: "") -> list[Candidate]:
+    """``softtf[<b>]``: one row per backend of ``op``, its modules and trainable parameters from
+    ``build()``; a backend that cannot run here (or for which ``reason(b)`` says why) is skipped."""
+    here = available_backends(device, op)
+    rows = []
+    for bk in SOFT_BACKENDS:
+        c = Candidate(f"softtf[{bk}]", f"{label} [{bk}]", "softtf", backend=bk, params=params,
+                      config={"backend": bk, **config})
+        rows.append(c)
+        why = reason(bk) or _unavailable(bk, device, here)
+        if why:
+            c.mark("skipped", why)
+            continue
+        if bk == "triton" and device.type == "cpu":
+            c.label += " (interpreter)"
+        c.modules, c.trainable = build()
+        c.use_steps(case, bk)
+    return rows
+
+
 _NA_ATTENTION_GID = {"status": "n/a", "reason": "Gradient ID runs on SoftLinear layers (no attention row)"}
 
 
@@ -238,26 +268,17 @@ def _attention_candidates(case: Case, config: BenchConfig, device: torch.device)
     note = "the [2, P, H, D] prompt per task" + (" + alpha, tau (learned in task 0, shared)" if gated else "")
     params = {"trainable": 2 * p * h * d + 2 * gated, "stored_per_task": 2 * p * h * d,
               "bytes_per_task": 4 * 2 * p * h * d, "store_dtype": "float32", "per_layer": [], "note": note}
-    floor = Candidate(FLOOR, "SDPA, no prefix (frozen)", "floor", modules=dict(case.originals),
-                      params={**params, "trainable": 0, "stored_per_task": 0, "bytes_per_task": 0, "note": ""},
-                      config={"note": "F.scaled_dot_product_attention(q, k, v); train: forward + backward to qkv"})
-    floor.use_steps(case)
-    cands = [floor]
-    here = available_backends(device, "prefix_attention_forward")
-    for bk in SOFT_BACKENDS:
-        c = Candidate(f"softtf[{bk}]", f"prefix_attention [{bk}]", "softtf", backend=bk, params=params,
-                      config={"backend": bk, "activation": activation, "prefix_len": p})
-        cands.append(c)
-        reason = ("prefix_attention has no CUDA C++ kernel (its CUDA kernel is Triton)"
-                  if bk == "cuda" and device.type == "cuda" else _unavailable(bk, device, here))
-        if reason:
-            c.mark("skipped", reason)
-            continue
-        if bk == "triton" and device.type == "cpu":
-            c.label += " (interpreter)"
-        c.modules = {"attn": PrefixAttention(prompt, activation)}
-        c.trainable = list(c.modules["attn"].parameters())
-        c.use_steps(case, bk)
+    floor = _frozen_floor(case, "SDPA, no prefix (frozen)", params,
+                          "F.scaled_dot_product_attention(q, k, v); train: forward + backward to qkv")
+
+    def prefixed():
+        mod = PrefixAttention(prompt, activation)
+        return {"attn": mod}, list(mod.parameters())
+
+    no_cuda = "prefix_attention has no CUDA C++ kernel (its CUDA kernel is Triton)"
+    cands = [floor, *_op_rows(case, device, "prefix_attention_forward", "prefix_attention", params,
+                              {"activation": activation, "prefix_len": p}, prefixed,
+                              lambda bk: no_cuda if bk == "cuda" and device.type == "cuda" else "")]
     for key, compiled in ((EAGER, False), (COMPILED, True)):
         label = "torch.compile(eager)" if compiled else "eager cat + softmax"
         c = Candidate(key, label, key, params=params, config={"compiled": compiled, "activation": activation,
@@ -290,25 +311,14 @@ def _routed_candidates(case: Case, config: BenchConfig, device: torch.device) ->
     params = {"trainable": blocks + b * t, "stored_per_task": r * 2 * d, "bytes_per_task": 4 * r * 2 * d,
               "store_dtype": "float32", "per_layer": [],
               "note": f"T = {t} blocks of A [r, in] + B [out, r], all trained here, + the [B, T] routing weights"}
-    floor = Candidate(FLOOR, "frozen nn.Linear (floor)", "floor", modules=dict(case.originals),
-                      params={**params, "trainable": 0, "stored_per_task": 0, "bytes_per_task": 0, "note": ""},
-                      config={"note": "the frozen projection; train: forward + backward to x"})
-    floor.use_steps(case)
-    cands = [floor]
-    here = available_backends(device, "routed_lora")
-    for bk in SOFT_BACKENDS:
-        c = Candidate(f"softtf[{bk}]", f"routed_lora [{bk}]", "softtf", backend=bk, params=params,
-                      config={"backend": bk, "T": t, "r": r, "scaling": scaling})
-        cands.append(c)
-        reason = _unavailable(bk, device, here)
-        if reason:
-            c.mark("skipped", reason)
-            continue
-        if bk == "triton" and device.type == "cpu":
-            c.label += " (interpreter)"
+    floor = _frozen_floor(case, "frozen nn.Linear (floor)", params, "the frozen projection; train: forward + backward to x")
+
+    def routed():
         mod = RoutedLoRA(base, lora_a, lora_b, weights, scaling)
-        c.modules, c.trainable = {"lin": mod}, [mod.lora_a, mod.lora_b, mod.weights]
-        c.use_steps(case, bk)
+        return {"lin": mod}, [mod.lora_a, mod.lora_b, mod.weights]
+
+    cands = [floor, *_op_rows(case, device, "routed_lora", "routed_lora", params, {"T": t, "r": r, "scaling": scaling},
+                              routed)]
     loop = Candidate(EAGER, f"PEFT loop over T={t} LoRA", "eager", params=params,
                      config={"T": t, "r": r, "scaling": scaling, "loop": "peft.tuners.lora.Linear, T adapters"})
     cands.append(loop)
