@@ -14,25 +14,23 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..prompts import PrefixPrompts, PromptedViT, clip_layers
+from ..methods.dualprompt import DualPromptMethod
+from ..methods.norga import NoRGaMethod
+from ..prompts import PrefixPrompts, PromptedViT
 from .candidate import Candidate
 from .cases import Case
 from .config import PROMPT_CANDIDATES, BenchConfig
 
 __all__ = ["prompt_candidates"]
 
-_LENGTH = 5  # DualPrompt's G and E prompts, NoRGa's E prompts (CIFAR-100 scripts)
 _NA_GID = {"status": "n/a", "reason": "Gradient ID runs on SoftLinear layers alone (prompt rows: task from Prompt ID)"}
+_METHODS = {"dualprompt": (DualPromptMethod, "none"), "norga": (NoRGaMethod, "sigmoid")}  # NoRGa's official gate
 
 
 def _prefix_sets(method: str, depth: int, heads: int, head_dim: int) -> tuple[list[PrefixPrompts], str]:
-    """The prompt sets of ``method`` (one task each) and the gate activation."""
-    if method == "dualprompt":
-        g = clip_layers((0, 1), depth, "dualprompt G-prompt")
-        e = tuple(i for i in clip_layers((2, 3, 4), depth, "dualprompt E-prompt") if i not in g)
-        sets, activation = [PrefixPrompts(g, _LENGTH, heads, head_dim), PrefixPrompts(e, _LENGTH, heads, head_dim)], "none"
-    else:
-        sets, activation = [PrefixPrompts(clip_layers((0, 1, 2, 3, 4), depth, "norga E-prompt"), _LENGTH, heads, head_dim)], "sigmoid"
+    """The prompt sets of ``method`` (its own blocks and lengths, one task each) and the gate activation."""
+    cls, activation = _METHODS[method]
+    sets = [PrefixPrompts(layers, length, heads, head_dim) for layers, length in cls.prefix_sets(depth)]
     for s in sets:
         s.add("task")
     return sets, activation
@@ -83,6 +81,6 @@ def prompt_candidates(case: Case, config: BenchConfig, soft_mods: dict, soft_rea
         c.params = {"trainable": sum(p.numel() for p in c.trainable), "stored_per_task": prompt_values + mask_values,
                     "bytes_per_task": 4 * prompt_values + mask_values * torch.finfo(config.mask_torch_dtype).bits // 8,
                     "store_dtype": "float32" + (f" prompts, {config.mask_dtype} masks" if masks else ""), "per_layer": []}
-        c.config = {"prefix_layers": list(layers), "prompt_length": _LENGTH, "activation": activation, "masks": masks}
+        c.config = {"prefix_layers": list(layers), "prompt_length": sets[-1].length, "activation": activation, "masks": masks}
         c.use_steps(run_case)
     return cands

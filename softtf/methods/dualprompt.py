@@ -25,14 +25,19 @@ class DualPromptMethod(PromptMethod):
     G_LAYERS, E_LAYERS, G_LENGTH, E_LENGTH = (0, 1), (2, 3, 4), 5, 5
 
     def __init__(self, classifier, options):
-        depth = self.depth(classifier)
-        g = clip_layers(self.G_LAYERS, depth, "dualprompt G-prompt")
-        e = tuple(i for i in clip_layers(self.E_LAYERS, depth, "dualprompt E-prompt") if i not in g)
+        (g, g_len), (e, e_len) = self.prefix_sets(self.depth(classifier))
         super().__init__(classifier, options, prefix_layers=g + e)
         heads, dim = self.vit.num_heads, self.vit.head_dim
-        self.parts.g = PrefixPrompts(g, self.G_LENGTH, heads, dim)
-        self.parts.e = PrefixPrompts(e, self.E_LENGTH, heads, dim)
+        self.parts.g = PrefixPrompts(g, g_len, heads, dim)
+        self.parts.e = PrefixPrompts(e, e_len, heads, dim)
         self.parts.g.add(SHARED)
+
+    @classmethod
+    def prefix_sets(cls, depth: int) -> list[tuple[tuple[int, ...], int]]:
+        """[(G-prompt blocks, length), (E-prompt blocks, length)] of a ``depth``-block ViT."""
+        g = clip_layers(cls.G_LAYERS, depth, "dualprompt G-prompt")
+        e = tuple(i for i in clip_layers(cls.E_LAYERS, depth, "dualprompt E-prompt") if i not in g)
+        return [(g, cls.G_LENGTH), (e, cls.E_LENGTH)]
 
     def add_parts(self, t, name):
         return list(self.parts.g.parameters()) + self.parts.e.add(name, device=self.device)

@@ -28,12 +28,17 @@ class NoRGaMethod(PromptMethod):
     E_LAYERS, E_LENGTH, GATE_INIT = (0, 1, 2, 3, 4), 5, 1.0
 
     def __init__(self, classifier, options):
-        e = clip_layers(self.E_LAYERS, self.depth(classifier), "norga E-prompt")
+        [(e, e_len)] = self.prefix_sets(self.depth(classifier))
         super().__init__(classifier, options, prefix_layers=e)
         self.activation = options.prompt_activation
-        self.parts.e = PrefixPrompts(e, self.E_LENGTH, self.vit.num_heads, self.vit.head_dim)
+        self.parts.e = PrefixPrompts(e, e_len, self.vit.num_heads, self.vit.head_dim)
         self.parts.alpha = nn.ParameterList([nn.Parameter(torch.tensor(self.GATE_INIT)) for _ in e])
         self.parts.tau = nn.ParameterList([nn.Parameter(torch.tensor(self.GATE_INIT)) for _ in e])
+
+    @classmethod
+    def prefix_sets(cls, depth: int) -> list[tuple[tuple[int, ...], int]]:
+        """[(E-prompt blocks, length)] of a ``depth``-block ViT."""
+        return [(clip_layers(cls.E_LAYERS, depth, "norga E-prompt"), cls.E_LENGTH)]
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return list(self.parts.alpha) + list(self.parts.tau)
