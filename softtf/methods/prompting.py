@@ -103,10 +103,7 @@ class PromptMethod(ContinualMethod):
             return logits(inputs)
         if task_index is None:
             raise ValueError(f"{self.name} with masks needs a task per sample (task_id 'none' is not supported)")
-        uniq = torch.unique(task_index)
-        if len(uniq) == 1:  # one task: the plain masked forward (bit-identical to training)
-            self.soft.set_task(tasks[int(uniq)])
-            return logits(inputs)
+        # a per-call choice; one task in the batch runs the plain masked forward (bit-identical to training)
         return predict_with_tasks(self.soft, inputs, task_index, tasks, forward_fn=logits)
 
     def pretrained(self):

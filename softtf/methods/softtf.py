@@ -36,10 +36,7 @@ class SoftTFMethod(ContinualMethod):
     def forward_tasks(self, inputs, task_index, tasks):
         if task_index is None:
             raise ValueError("softtf needs a task per sample (task_id 'none' is not supported)")
-        uniq = torch.unique(task_index)
-        if len(uniq) == 1:  # one task in the batch: the plain masked forward (bit-identical to training)
-            self.soft.set_task(tasks[int(uniq)])
-            return self.clf(inputs)
+        # a per-call choice; one task in the batch runs the plain masked forward (bit-identical to training)
         return predict_with_tasks(self.clf, inputs, task_index, tasks, forward_fn=self.clf)
 
     def infer_tasks(self, inputs, tasks, forward_fn, rule, k_shot, topk):
