@@ -45,6 +45,19 @@ def _interpret(monkeypatch):
     monkeypatch.setenv("SOFTTF_POISON_OUTPUTS", "1")
 
 
+@pytest.fixture(params=[False, True], ids=["masked-second", "masked-first"])
+def orientation(request, monkeypatch):
+    """Run masked_mm_kernel in both of its orientations (constexpr MASKED_FIRST: C, or C^T with the
+    masked tile as the dot's first operand); on a GPU autotuning picks one per shape."""
+    kernel = _kmod.masked_mm_kernel
+    (cfg,) = _kmod.MM_CONFIGS
+    one = _kmod.triton.Config({**cfg.kwargs, "MASKED_FIRST": request.param},
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    monkeypatch.setattr(kernel, "configs", [one])
+    monkeypatch.setattr(kernel, "cache", {})
+    return request.param
+
+
 def _d(t):
     return None if t is None else t.double()
 
@@ -73,7 +86,7 @@ def _noncontig(t: torch.Tensor, kind: str) -> torch.Tensor:
 @here
 @pytest.mark.parametrize("lead,fin,fout", SHAPES)
 @pytest.mark.parametrize("dt,mdt", DTYPES)
-def test_forward(gen, lead, fin, fout, dt, mdt):
+def test_forward(gen, orientation, lead, fin, fout, dt, mdt):
     x = rand((*lead, fin), dt, gen)
     w, m, b = rand((fout, fin), dt, gen), rand_mask((fout, fin), mdt, gen), rand((fout,), dt, gen)
     y = T.masked_linear(x, w, m, b)
@@ -85,7 +98,7 @@ def test_forward(gen, lead, fin, fout, dt, mdt):
 @here
 @pytest.mark.parametrize("kind", ["T", "slice", "both"])
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16])
-def test_strided_inputs(gen, kind, dt):
+def test_strided_inputs(gen, orientation, kind, dt):
     """Non-contiguous x / dy (3-D transposed views, sliced rows) and transposed W and mask."""
     x = _noncontig(rand((4, 3, 67), dt, gen), kind)
     dy = _noncontig(rand((4, 3, 45), dt, gen), kind)
@@ -120,7 +133,7 @@ def test_rows_view_avoids_copies():
 @here
 @pytest.mark.parametrize("lead,fin,fout", SHAPES)
 @pytest.mark.parametrize("dt,mdt", DTYPES)
-def test_grad_input(gen, lead, fin, fout, dt, mdt):
+def test_grad_input(gen, orientation, lead, fin, fout, dt, mdt):
     dy = rand((*lead, fout), dt, gen)
     w, m = rand((fout, fin), dt, gen), rand_mask((fout, fin), mdt, gen)
     dx = T.masked_linear_grad_input(dy, w, m)
@@ -180,7 +193,7 @@ def test_mask_mixture_grad_strided(gen, dt):
 @here
 @pytest.mark.parametrize("lead,fin,fout", [((3, 5), 67, 45), ((4,), 40, 70), ((2, 3, 2), 33, 17)])
 @pytest.mark.parametrize("dt,mdt", DTYPES)
-def test_mixed_task(gen, lead, fin, fout, dt, mdt):
+def test_mixed_task(gen, orientation, lead, fin, fout, dt, mdt):
     n_tasks = 3
     x, dy = rand((*lead, fin), dt, gen), rand((*lead, fout), dt, gen)
     w, b = rand((fout, fin), dt, gen), rand((fout,), dt, gen)

@@ -39,26 +39,33 @@ def _cfg(num_warps, num_stages, **meta):
 # memory): 128x128 tiles need 8 warps (4 warps spill: the fp32 accumulator plus the W*M product),
 # and tiles above 128x128 are kept for sm_90 only (they spill under mma.sync on sm_80).
 _MM_CONFIGS_16 = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 5, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(2, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _cfg(2, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(4, 5, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(2, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(2, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, MASKED_FIRST=False),
+    # The same big tiles computing C^T (masked tile as the dot's first operand; see the kernel).
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=True),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=True),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=True),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=True),
 ]
 # fp32 operands: twice the bytes per element and (ieee) FMA instead of tensor cores -> smaller K.
 _MM_CONFIGS_32 = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-    _cfg(2, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-    _cfg(2, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(2, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(2, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, MASKED_FIRST=False),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=True),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, MASKED_FIRST=True),
 ]
 # Output tile [BLOCK_N (out), BLOCK_K (in)] of dy^T x, reduction over tokens in BLOCK_T steps.
 _GM_CONFIGS_16 = [
@@ -98,7 +105,7 @@ _MIX_CONFIGS_32 = [
 if INTERPRET:
     # One small config: the interpreter is slow, and 32-wide tiles still exercise every tail
     # path (tests use in=67, out=45, ...). The GPU lists above stay importable for tests.
-    MM_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    MM_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, MASKED_FIRST=False)]
     GM_CONFIGS = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32, GROUP_N=4)]
     MIX_CONFIGS = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32)]
 else:
@@ -168,7 +175,8 @@ def _prune(configs, nargs, a_name, w_name, m_name, dims, smem_fn):
 def _mm_smem(cfg, a_b, w_b, m_b, major=9):
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     # Matches what triton 3.8 allocates (checked with ptxas builds): num_stages-1 buffers of the A,
-    # W and mask tiles; on sm_90 also the wgmma operand buffers (A and the W*M product).
+    # W and mask tiles; on sm_90 also the wgmma operand buffers (A and the W*M product). MASKED_FIRST
+    # keeps the product in registers, so for it this over-counts: a conservative prune.
     smem = (cfg.num_stages - 1) * (bm * bk * a_b + bk * bn * (w_b + m_b))
     return smem + ((bm * bk + bk * bn) * a_b if major >= 9 else 0)
 
@@ -223,6 +231,7 @@ def masked_mm_kernel(
     A_FLAT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TASKS: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MASKED_FIRST: tl.constexpr,
 ):
     """C[r, n] = sum_k A[r, k] * (W ⊙ M)[k, n] (+ bias[n]), W/M read through (w_sk, w_sn).
 
@@ -255,27 +264,52 @@ def masked_mm_kernel(
         m_base = m_ptr + tl.load(tid_ptr + g).to(tl.int64) * m_st
     else:
         m_base = m_ptr
-    a_ptrs = a_ptr + _row_offsets(rows, a_l1, a_s0, a_s1, A_FLAT)[:, None] + rk[None, :] * a_sk
-    w_ptrs = w_ptr + rk[:, None] * w_sk + rn[None, :] * w_sn
-    mk_ptrs = m_base + rk[:, None] * m_sk + rn[None, :] * m_sn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-            mk = tl.load(mk_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = rk < K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            mk = tl.load(mk_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        # The fusion: W ⊙ M in fp32 registers, rounded once to the operand dtype.
-        b = (w.to(tl.float32) * mk.to(tl.float32)).to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * a_sk
-        w_ptrs += BLOCK_K * w_sk
-        mk_ptrs += BLOCK_K * m_sk
+    a_rows = _row_offsets(rows, a_l1, a_s0, a_s1, A_FLAT)
+    if MASKED_FIRST:
+        # C^T = (W ⊙ M) A^T: the masked tile, made in registers, is the dot's first operand, which
+        # Hopper's wgmma may take from registers; as the second operand it must go through shared
+        # memory first. Measured faster on an H100 for most shapes, not all: autotuning picks.
+        at_ptrs = a_ptr + a_rows[None, :] + rk[:, None] * a_sk
+        w_ptrs = w_ptr + rn[:, None] * w_sn + rk[None, :] * w_sk
+        mk_ptrs = m_base + rn[:, None] * m_sn + rk[None, :] * m_sk
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                at = tl.load(at_ptrs, mask=row_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
+                mk = tl.load(mk_ptrs, mask=col_ok[:, None], other=0.0)
+            else:
+                k_ok = rk < K - kt * BLOCK_K
+                at = tl.load(at_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                mk = tl.load(mk_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            # The fusion: W ⊙ M in fp32 registers, rounded once to the operand dtype.
+            bt = (w.to(tl.float32) * mk.to(tl.float32)).to(at.dtype)
+            acc_t = tl.dot(bt, at, acc_t, input_precision=PRECISION)
+            at_ptrs += BLOCK_K * a_sk
+            w_ptrs += BLOCK_K * w_sk
+            mk_ptrs += BLOCK_K * m_sk
+        acc = tl.trans(acc_t)
+    else:
+        a_ptrs = a_ptr + a_rows[:, None] + rk[None, :] * a_sk
+        w_ptrs = w_ptr + rk[:, None] * w_sk + rn[None, :] * w_sn
+        mk_ptrs = m_base + rk[:, None] * m_sk + rn[None, :] * m_sn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+                mk = tl.load(mk_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = rk < K - kt * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                mk = tl.load(mk_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b = (w.to(tl.float32) * mk.to(tl.float32)).to(a.dtype)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * a_sk
+            w_ptrs += BLOCK_K * w_sk
+            mk_ptrs += BLOCK_K * m_sk
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn * bias_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
