@@ -6,7 +6,8 @@ overridden inside ``with use_backend(name):`` blocks. ``use_backend`` is scoped 
 :class:`contextvars.ContextVar`: it affects only the current thread / asyncio task (and code run
 in it), so overlapping blocks in two threads never leak into each other or into the default.
 
-- ``auto``      CPU tensors -> C++ CPU kernel; CUDA tensors -> Triton, else CUDA C++ if built.
+- ``auto``      CPU tensors -> C++ CPU kernel; CUDA tensors -> the first of the op's
+                :data:`CUDA_AUTO_ORDER` that can run them (measured fastest first).
 - ``cpp``       the C++ CPU kernel (CPU tensors only). For the ops defined from Python (the
                 attention ops, table.PYTHON_NAMES) that is cpu_attention.py over ATen's C++
                 flash attention.
@@ -122,6 +123,31 @@ def available_backends(device: str | torch.device = "cpu", op: str = "masked_lin
     return names
 
 
+# What `auto` runs on CUDA tensors, per op, fastest first as measured on an H100 (bf16 and fp32,
+# ViT-B/BERT-base shapes; tools/gpu_check.sh, figures in bench/README.md "Measured on an H100").
+# The masked-linear family: cuBLAS on W ⊙ M (the reference) beat both fused kernels at every shape
+# measured (the Triton kernel took 1.6-6x the eager time, the CUDA C++ WMMA kernel ~10x), so
+# `auto` takes it there and the kernels run only when named. routed_lora: CUDA C++ beat Triton.
+_MASKED = ("reference",)
+CUDA_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "masked_linear": _MASKED, "masked_linear_grad_input": _MASKED, "masked_linear_grad_mask": _MASKED,
+    "mask_mixture_grad": _MASKED, "mixed_task_linear": _MASKED, "mixed_task_linear_grad_input": _MASKED,
+    "routed_lora": ("cuda", "triton", "reference"), "routed_lora_backward": ("cuda", "triton", "reference"),
+    "prefix_attention_forward": ("triton", "reference"), "prefix_attention_backward": ("triton", "reference"),
+}
+
+
+def _cuda_auto(op: str, has_f64: bool) -> str:
+    for name in CUDA_AUTO_ORDER.get(op, ("triton", "cuda", "reference")):
+        if name == "triton" and triton_available() and not has_f64 and _triton_has(op):
+            return name
+        if name == "cuda" and cuda_available(op) and not has_f64:
+            return name
+        if name == "reference":
+            return name
+    return "reference"
+
+
 @functools.lru_cache(maxsize=None)
 def choose(op: str, device: torch.device, setting: str, dtypes: tuple[torch.dtype, ...],
            triton_interpret: bool) -> str:
@@ -141,12 +167,7 @@ def choose(op: str, device: torch.device, setting: str, dtypes: tuple[torch.dtyp
         if device_type == "cpu":
             name = "cpp" if cpp_available(op) else "reference"
         elif device_type == "cuda":
-            if triton_available() and not has_f64:
-                name = "triton"
-            elif cuda_available(op):
-                name = "cuda"
-            else:
-                name = "reference"
+            name = _cuda_auto(op, has_f64)
         else:
             name = "reference"
     if name == "reference":

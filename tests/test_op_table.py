@@ -160,6 +160,30 @@ def test_backend_choice_is_cached_per_key_and_follows_set_backend(gen):
                 backend.resolve("masked_linear", cpu, dtypes)
 
 
+def test_auto_on_cuda_follows_the_measured_order(monkeypatch):
+    """`auto` on CUDA tensors takes each op's first runnable entry of CUDA_AUTO_ORDER (no GPU needed:
+    choose is a pure function of device type, dtypes and what is built); float64 -> reference."""
+    cuda = torch.device("cuda")
+    assert set(backend.CUDA_AUTO_ORDER) == set(table.ALL_NAMES)
+    for op in table.ALL_NAMES:
+        assert backend.CUDA_AUTO_ORDER[op][-1] == "reference", op
+        assert backend.choose(op, cuda, "auto", (torch.float64,) * 7, False) == "reference"
+    backend.choose.cache_clear()
+    monkeypatch.setattr(backend, "cuda_available", lambda op="masked_linear": True)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    try:
+        assert backend.choose("masked_linear", cuda, "auto", (torch.bfloat16,) * 3, False) == "reference"
+        assert backend.choose("routed_lora", cuda, "auto", (torch.bfloat16,) * 3, False) == "cuda"
+        assert backend.choose("prefix_attention_forward", cuda, "auto", (torch.bfloat16,) * 7, False) == "triton"
+        monkeypatch.setattr(backend, "cuda_available", lambda op="masked_linear": False)
+        backend.choose.cache_clear()
+        assert backend.choose("routed_lora", cuda, "auto", (torch.bfloat16,) * 3, False) == "triton"
+        # Named explicitly, a kernel still runs (auto's order never hides one).
+        assert backend.choose("masked_linear", cuda, "triton", (torch.bfloat16,) * 3, False) == "triton"
+    finally:
+        backend.choose.cache_clear()
+
+
 def test_backend_choice_of_the_python_defined_ops():
     """CPU: backend cpp is the ATen flash-attention composition (fp64 too, as for the C++ ops);
     CUDA: Triton, fp64 -> reference; backend 'cuda' names a kernel these ops do not have."""
