@@ -83,8 +83,15 @@ _topk = _number(lambda t: t if t == CLASSES_PER_TASK else int(t), lambda v: v ==
 _TASK_ID_HELP = "; ".join(f"{m}: {how}" for m, (how, _) in TASK_ID_INFO.items())
 
 
+def _version() -> str:
+    from . import __version__  # the package's, not the installed metadata's (editable installs)
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softtf", description="Soft-TransFormers continual learning")
+    p.add_argument("--version", action="version", version=f"softtf {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a class-incremental continual-learning experiment")

@@ -249,3 +249,12 @@ def test_prompt_method_flags(tmp_path, capsys):
         main(base_args(tmp_path / "b", "--epochs", "0", "--depth", "2", "--img-size", "16", "--patch-size", "4",
                        "--method", "softtf", "--masks"))
     assert exc.value.code == 2 and "masks=True (--masks)" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import softtf
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"softtf {softtf.__version__}"
