@@ -16,7 +16,7 @@ from softtf_kernels import available_backends
 
 from .config import BenchConfig
 
-__all__ = ["device_name", "loadavg", "package_version", "run_metadata"]
+__all__ = ["busy_warning", "device_name", "loadavg", "package_version", "run_metadata"]
 
 
 def package_version(name: str) -> str | None:
@@ -32,6 +32,22 @@ def loadavg() -> str:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:  # pragma: no cover
         return "?"
+
+
+def busy_warning(load_text: str, cores: int | None = None) -> str | None:
+    """A warning when other work was keeping the CPU busy as the run began (the 1-minute load average
+    above a quarter of the cores): the timings then include waits for descheduled threads, and the
+    ratios are unreliable. The end-of-run load is not used: the bench itself raises it."""
+    cores = cores or os.cpu_count() or 1
+    try:
+        one_minute = float(load_text.split()[0])
+    except (ValueError, IndexError):
+        return None
+    if one_minute <= 0.25 * cores:
+        return None
+    return (f"WARNING: the machine was busy when the run began (1-minute load average {one_minute:.2f} on "
+            f"{cores} cores): timings include waits for descheduled threads, so the ratios are unreliable. "
+            "Re-run on a quiet machine.")
 
 
 def device_name(device: torch.device) -> str:
@@ -53,7 +69,8 @@ def run_metadata(config: BenchConfig, device: torch.device) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-        "platform": platform.platform(), "versions": versions, "loadavg_start": loadavg(),
+        "platform": platform.platform(), "versions": versions, "loadavg_start": (start := loadavg()),
+        "busy_warning": busy_warning(start),
         "default_backend": softtf_kernels.backend.resolve("masked_linear", device)[0]
         if softtf_kernels.get_backend() == "auto" else softtf_kernels.get_backend(),
         "available_backends": available_backends(device),

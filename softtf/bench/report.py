@@ -74,6 +74,8 @@ def format_table(result: dict) -> str:
              f"times: {stat} of the timed calls (ms); x floor = time / frozen layer-model time (gid: / floor infer); "
              "x LoRA = time / LoRA(matched) time, same task, same run. peak = MiB allocated during one train step above "
              "the live level before it; static = candidate-owned tensors (trainable + stored task masks + Adam state)."]
+    if meta.get("busy_warning"):
+        lines.append(meta["busy_warning"])
     hdr = (f"{'candidate':<28} {'infer ms':>9} {'x floor':>7} {'x LoRA':>6} | {'train ms':>9} {'x floor':>7} "
            f"{'x LoRA':>6} {'peak MiB':>8} {'x eager':>7} | {'gid ms':>8} {'x fl.fwd':>8} | "
            f"{'trainable':>9} {'MiB/task':>8} {'static MiB':>10}")
@@ -150,6 +152,8 @@ def format_markdown(result: dict) -> str:
     out = [f"Device: {meta['device_name']}; torch {meta['versions']['torch']}, timm {meta['versions']['timm']}, "
            f"transformers {meta['versions']['transformers']}, peft {meta['versions']['peft']}; "
            f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}; {meta['date']}.", ""]
+    if meta.get("busy_warning"):
+        out[-1:-1] = ["", f"**{meta['busy_warning']}**"]
     for case in result["cases"]:
         if case["level"] in _PAIRED:
             out += _attention_markdown(case, cell)

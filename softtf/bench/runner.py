@@ -19,7 +19,11 @@ from .report import targets_text
 __all__ = ["measure"]
 
 
-def _targets_text(names: list[str]) -> str:
+def _targets_text(case: Case) -> str:
+    names = case.names
+    if case.level in ("layer", "lora"):  # one stand-alone nn.Linear, held as "lin": say which
+        lin = case.originals[names[0]]
+        return f"the layer itself ({lin.in_features}->{lin.out_features})"
     if len(names) <= 2:
         return ", ".join(names)
     return f"{len(names)} layers ({names[0]} ... {names[-1]})"
@@ -29,7 +33,7 @@ def _case_result(case: Case, cands: list[Candidate]) -> dict:
     return {
         "case": case.name, "level": case.level, "description": case.description, "tokens": case.tokens,
         "batch": case.batch, "targets": case.names, "wrapped_with": case.wrap_used,
-        "targets_text": _targets_text(case.names),
+        "targets_text": _targets_text(case),
         "rows": [{"key": c.key, "label": c.label, "kind": c.kind, "config": c.config, "params": c.params,
                   "static_bytes": c.static_bytes, "tasks": {t: c.results.get(t, {"status": "missing"}) for t in TASKS}}
                  for c in cands],
@@ -66,6 +70,8 @@ def _measure(config: BenchConfig, device: torch.device) -> dict:
             if hasattr(dynamo.config, attr):
                 setattr(dynamo.config, attr, 64)
     result: dict[str, Any] = {"meta": run_metadata(config, device), "cases": []}
+    if result["meta"]["busy_warning"]:  # said now, not only in the report minutes later
+        print(result["meta"]["busy_warning"], file=sys.stderr)
     # + 1: the memory call
     calls = {level: sum(config.timing(level)) + 1 for level in ("layer", "model", "attention", "lora")}
     total = len(TASKS) * sum(len(case_candidates(c)) * calls[case_level(c)] for c in config.cases)

@@ -1,0 +1,20 @@
+"""softtf bench's run metadata: the busy-machine warning and the layer cases' target text."""
+from softtf.bench.meta import busy_warning
+from softtf.bench.report import format_markdown, format_table
+
+
+def test_busy_warning_from_the_start_load():
+    assert busy_warning("0.40 0.30 0.20", cores=2) is None
+    assert busy_warning("0.50 2.00 2.00", cores=2) is None  # only the 1-minute figure counts
+    text = busy_warning("1.75 1.20 0.90", cores=2)
+    assert "busy" in text and "1.75" in text and "2 cores" in text and "unreliable" in text
+    assert busy_warning("?", cores=2) is None  # no load average on this platform
+
+
+def test_reports_carry_the_warning():
+    meta = {"device_name": "CPU x", "versions": {"torch": "t", "timm": "1", "transformers": "2", "peft": "3"},
+            "threads": 2, "loadavg_start": "1.75 1.2 0.9", "loadavg_end": "2.0 1.5 1.0", "date": "d",
+            "busy_warning": busy_warning("1.75 1.2 0.9", cores=2), "args": {}}
+    result = {"meta": meta, "cases": []}
+    assert meta["busy_warning"] in format_table(result)
+    assert meta["busy_warning"] in format_markdown(result)
