@@ -80,7 +80,18 @@ _size_or_matched = _number(lambda t: t if t == "matched" else int(t), lambda v: 
                            "a positive integer or 'matched'")
 _topk = _number(lambda t: t if t == CLASSES_PER_TASK else int(t), lambda v: v == CLASSES_PER_TASK or v >= 2,
                 f"an integer >= 2 or {CLASSES_PER_TASK!r}")
-_TASK_ID_HELP = "; ".join(f"{m}: {how}" for m, (how, _) in TASK_ID_INFO.items())
+_TASK_ID_HELP = "; ".join(f"{m}: {what} ({how})" for m, (how, what) in TASK_ID_INFO.items())
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already states one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or action.required):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _version() -> str:
@@ -94,14 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"softtf {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="run a class-incremental continual-learning experiment")
-    t.add_argument("--model", choices=("vit", "bert"), required=True)
+    t = sub.add_parser("train", help="run a class-incremental continual-learning experiment", formatter_class=_HelpFormatter)
+    t.add_argument("--model", choices=("vit", "bert"), required=True,
+                   help="backbone: a timm ViT (random init or --pretrained) or a Hugging Face BERT (--pretrained DIR)")
     t.add_argument("--data", required=True, help="digits | cifar100:PATH | folder:PATH | csv:PATH | textdir:PATH (one CSV per task)")
     t.add_argument("--task-order", nargs="+", default=None, metavar="TASK",
                    help="textdir: the tasks (file stems) in order (default: PATH/order.txt, else sorted names)")
     t.add_argument("--tasks", type=_positive_int, default=None,
                    help="number of tasks (default 5; textdir: the number of tasks in the folder, which it must equal)")
-    t.add_argument("--method", choices=method_names(), default="softtf")
+    t.add_argument("--method", choices=method_names(), default="softtf", help="continual-learning method")
     t.add_argument("--masks", action="store_true",
                    help="prompt methods (l2p, dualprompt, norga): add Soft-TF masks (--layers/--target-modules; default qkv + proj "
                         "of the last 3 blocks); the inferred task picks the E-prompt and the mask")
@@ -111,20 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"task inference at test time (default: prompt; finetune, l2p, sapt, sapt-softtf: none; l2p --masks: prompt). "
                         f"{_TASK_ID_HELP}")
     t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
-    t.add_argument("--epochs", type=_nonneg_int, default=20)
-    t.add_argument("--batch-size", type=_positive_int, default=24)
+    t.add_argument("--epochs", type=_nonneg_int, default=20, help="training epochs per task")
+    t.add_argument("--batch-size", type=_positive_int, default=24, help="training batch size")
     t.add_argument("--lr", type=_positive_float, default=None, help="default 0.03*batch_size/256")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the class order, data split, init and training")
     t.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run once per seed into OUTPUT/seed-S (each resumable) and write OUTPUT/summary.json (mean, std)")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help="cpu | cuda[:i]")
     t.add_argument("--pretrained", default=None, help="local weights: ViT state dict file or HF BERT directory")
     t.add_argument("--vit-arch", default=None, help="timm model name for --pretrained ViT weights (e.g. vit_base_patch16_224)")
-    t.add_argument("--img-size", type=_positive_int, default=32)
-    t.add_argument("--patch-size", type=_positive_int, default=8)
-    t.add_argument("--depth", type=_positive_int, default=4)
-    t.add_argument("--embed-dim", type=_positive_int, default=64)
-    t.add_argument("--heads", type=_positive_int, default=4)
+    t.add_argument("--img-size", type=_positive_int, default=32, help="ViT input size (digits are resized to it)")
+    t.add_argument("--patch-size", type=_positive_int, default=8, help="ViT patch size (random-init ViT)")
+    t.add_argument("--depth", type=_positive_int, default=4, help="ViT blocks (random-init ViT)")
+    t.add_argument("--embed-dim", type=_positive_int, default=64, help="ViT width (random-init ViT)")
+    t.add_argument("--heads", type=_positive_int, default=4, help="ViT attention heads (random-init ViT)")
     t.add_argument("--pretrain-epochs", type=_nonneg_int, default=0, help="warm up a random-init ViT on all training data first")
     t.add_argument("--max-length", type=_positive_int, default=128, help="token length for text data")
     t.add_argument("--layers", type=int, nargs="+", default=None, help="block indices to mask (default: last 3)")

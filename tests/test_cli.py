@@ -258,3 +258,19 @@ def test_version(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"softtf {softtf.__version__}"
+
+
+def test_every_train_option_has_help_with_its_default():
+    import argparse
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    text = " ".join(train.format_help().split())
+    for action in train._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{action.option_strings} has no help text"
+        if action.default not in (None, False) and not action.required:
+            assert "default" in train._get_formatter()._get_help_string(action).lower(), action.option_strings
+    assert "(default: 20)" in text  # --epochs
+    assert "upper bound (oracle: true task given)" in text  # each task-id mode: what it is (how)
