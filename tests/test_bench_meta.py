@@ -18,3 +18,18 @@ def test_reports_carry_the_warning():
     result = {"meta": meta, "cases": []}
     assert meta["busy_warning"] in format_table(result)
     assert meta["busy_warning"] in format_markdown(result)
+
+
+def test_cpu_memory_profile_keeps_kineto_logs_off_stderr():
+    """torch.profiler's C++ backend logs profiler_start/stop (and, on a CUDA build without a GPU,
+    gpuGetDeviceCount errors) to fd 2; the bench's memory probe silences exactly those calls."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom softtf.bench.memory import cpu_allocation_profile\n"
+            "peak, largest = cpu_allocation_profile(lambda: torch.ones(1000, 1000).sum())\n"
+            "print('still here', file=sys.stderr)\nassert peak >= 4_000_000, peak\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "USDT" not in res.stderr and "gpuGetDeviceCount" not in res.stderr, res.stderr
+    assert "still here" in res.stderr  # stderr itself is restored afterwards

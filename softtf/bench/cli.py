@@ -103,7 +103,8 @@ def run(config: BenchConfig) -> int:
             plot(result, os.path.join(config.output, "bench.png"))
         except Exception as exc:  # the numbers matter more than the picture
             print(f"softtf bench: plot failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    print(f"\nwrote {json_path} and {os.path.join(config.output, 'bench.png')}", file=sys.stderr)
+    written = [json_path] + ([] if config.no_plot else [os.path.join(config.output, "bench.png")])
+    print(f"\nwrote {' and '.join(written)}", file=sys.stderr)
     return 0
 
 

@@ -2,6 +2,9 @@
 allocation records) and the bytes a set of tensors holds."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Any, Callable, Iterable
 
 import torch
@@ -9,6 +12,23 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 __all__ = ["cpu_allocation_profile", "measure_peak_bytes", "tensor_bytes"]
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 to /dev/null for the block: Kineto (torch.profiler's C++ backend) logs
+    "USDT ... profiler_start/stop" and, with a CUDA build of torch on a machine without a GPU,
+    "gpuGetDeviceCount failed" straight to it, past Python. Only the profiler's own start and stop
+    run inside; the profiled call's output is untouched."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _allocation_events(prof) -> list[tuple[int, int, int]]:
@@ -35,8 +55,14 @@ def cpu_allocation_profile(fn: Callable[[], Any]) -> tuple[int, int]:
     live bytes the call allocated and has not yet freed (torch.profiler allocation events, in time
     order, including allocations inside C++ kernels). Frees of blocks allocated before the call
     are ignored, so the peak is the high-water mark of what the call itself allocated."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # Kineto's start/stop log lines (and its CUDA probe's error on a CPU-only machine)
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     events = sorted(_allocation_events(prof), key=lambda e: e[0])
     live: dict[int, int] = {}
     cur = peak = largest = 0
