@@ -33,3 +33,30 @@ def test_cpu_memory_profile_keeps_kineto_logs_off_stderr():
     assert res.returncode == 0, res.stderr
     assert "USDT" not in res.stderr and "gpuGetDeviceCount" not in res.stderr, res.stderr
     assert "still here" in res.stderr  # stderr itself is restored afterwards
+
+
+def _case(name, level, ratios, skipped=False):
+    ok = {t: {"status": "ok", "ratio_floor": r, "peak_bytes": 2**20} for t, r in ratios.items()}
+    rows = [{"label": "frozen (floor)", "tasks": {t: {"status": "ok", "ratio_floor": 1.0} for t in ratios}},
+            {"label": "candidate", "tasks": ok}]
+    if skipped:
+        rows.append({"label": "SoftLinear [cuda]", "tasks": {t: {"status": "skip", "reason": "no CUDA device"}
+                                                             for t in ratios}})
+    return {"case": name, "level": level, "description": name, "rows": rows}
+
+
+def test_chart_shares_one_scale_per_level_and_shows_skipped_rows(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from softtf.bench.chart import _level_limits, _status, plot
+
+    cases = [_case("a", "layer", {"infer": 2.0, "train": 1.5}, skipped=True),
+             _case("b", "layer", {"infer": 30.0}), _case("m", "model", {"infer": 1.2, "train": 1.1})]
+    limits = _level_limits(cases)
+    assert limits["layer"] == (30.0, True) and limits["model"] == (1.2, False)
+    assert _status(cases[0]["rows"][2]) == "skipped: no CUDA device"
+    assert _status(cases[0]["rows"][1]) is None
+    meta = {"device_name": "CPU x", "versions": {"torch": "t"}}
+    plot({"meta": meta, "cases": cases}, str(tmp_path / "bench.png"))
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
