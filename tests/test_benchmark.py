@@ -84,8 +84,8 @@ def test_rows_that_must_run(quick_run):
     if res["meta"]["device"] == "cpu":
         must.append("softtf[cpp]")
     for case in res["cases"]:
-        if case["level"] in ("attention", "lora"):
-            continue  # test_attention_rows, tests/test_bench_lora.py
+        if case["level"] in ("attention", "lora", "serve"):
+            continue  # test_attention_rows, tests/test_bench_lora.py, test_serving_rows
         rows = {r["key"]: r for r in case["rows"]}
         for key in must:
             for task in ("infer", "train"):
@@ -100,6 +100,21 @@ def test_rows_that_must_run(quick_run):
         assert rows["compiled"]["tasks"]["train"]["status"] == "skipped"
         if res["meta"]["device"] == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             assert "TRITON_INTERPRET" in rows["softtf[triton]"]["tasks"]["infer"]["reason"]
+
+
+def test_serving_rows(quick_run):
+    """serve_t10: every row answers the mixed batch (the rows are checked to agree before timing), infer only."""
+    _, res = quick_run
+    (case,) = [c for c in res["cases"] if c["case"] == "serve_t10"]
+    assert case["level"] == "serve" and "T = 10 frozen tasks" in case["description"]
+    rows = {r["key"]: r for r in case["rows"]}
+    assert list(rows) == ["floor", "task_names", "eager", "per_sample"]
+    for key, row in rows.items():
+        assert row["tasks"]["infer"]["status"] == "ok", (key, row["tasks"]["infer"])
+        assert row["tasks"]["train"]["status"] == row["tasks"]["gid"]["status"] == "n/a"
+    assert rows["eager"]["label"].startswith("grouped")
+    assert rows["eager"]["tasks"]["infer"]["ratio_eager"] == pytest.approx(1.0)
+    assert rows["floor"]["tasks"]["infer"]["ratio_floor"] == pytest.approx(1.0)
 
 
 def test_prompt_rows_of_the_vit_case(quick_run):
@@ -129,8 +144,8 @@ def test_parameter_counts(quick_run):
     _, res = quick_run
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[res["meta"]["args"]["mask_dtype"]]
     for case in res["cases"]:
-        if case["level"] in ("attention", "lora"):
-            continue  # test_attention_rows, tests/test_bench_lora.py
+        if case["level"] in ("attention", "lora", "serve"):
+            continue  # test_attention_rows, tests/test_bench_lora.py, test_serving_rows
         rows = {r["key"]: r for r in case["rows"]}
         soft = rows["softtf[cpp]"]["params"] if "softtf[cpp]" in rows else rows["softtf[reference]"]["params"]
         assert len(soft["per_layer"]) == len(case["targets"]) >= 1

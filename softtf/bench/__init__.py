@@ -27,6 +27,10 @@ cases
   batch and sequence length): floor = the frozen nn.Linear, ``softtf[<b>]`` = ``routed_lora`` under
   backend b, ``eager`` = the official loop over the T adapters of a PEFT LoraLayer; ``train`` there is
   forward + backward to x, A, B and the [B, T] routing weights (+ Adam on A, B, weights).
+  serving: ``serve_t10``, the ``vit`` case's model wrapped with 10 frozen tasks answering a batch of
+  4 x ``--vit-batch`` samples with random task ids (inference only): floor = masks off,
+  ``task_names`` = one ``model(x, task_names=...)`` call, ``eager`` = one call per task present
+  ("grouped"), ``per_sample`` = one call per sample (softtf.bench.serving).
 
 candidates (on exactly the layers Soft-TF masks; all share the frozen base weights)
   ``floor``            the unmodified frozen layer/model. Its training step trains only the biases of

@@ -22,6 +22,7 @@ from .modules import CompiledMaskedLinear, EagerMaskedLinear, eager_masked_linea
 from .prompted import prompt_candidates
 from .routed import SAPT_ALPHA, PeftLoop, RoutedLoRA, peft_lora_layer, routed_inits, routed_shape
 from .sapt_rows import sapt_candidates
+from .serving import serve_candidates
 from .steps import eager_gid_step, soft_gid_step
 
 __all__ = ["Candidate", "build_candidates", "failure", "install", "matched_lora_rank"]
@@ -89,6 +90,8 @@ def build_candidates(case: Case, config: BenchConfig, device: torch.device) -> l
         cands, always = _attention_candidates(case, config, device), {FLOOR, EAGER}
     elif case.level == "lora":
         cands, always = _routed_candidates(case, config, device), {FLOOR, EAGER}
+    elif case.level == "serve":
+        cands, always = serve_candidates(case, config, device), {FLOOR, EAGER}
     else:
         cands, always = _linear_candidates(case, config, device), {FLOOR, LORA_REF}
     install(case, cands[0])

@@ -12,7 +12,8 @@ __all__ = [
     "ALL_CANDIDATES", "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER",
     "FLOOR",
     "LAYER_CASES", "LORA_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "PROMPT_CANDIDATES", "ROUTED_CANDIDATES",
-    "SAPT_CANDIDATES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates", "case_level",
+    "SAPT_CANDIDATES", "SERVE_CANDIDATES", "SERVE_CASES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates",
+    "case_level",
 ]
 
 TASKS = ("infer", "train", "gid")
@@ -22,7 +23,9 @@ MODEL_CASES = ("vit", "bert")
 ATTENTION_CASES = ("attn_dualprompt", "attn_norga")
 # SAPT's mixture of T LoRA blocks on one BERT-base projection: softtf_kernels.ops.routed_lora vs the PEFT loop
 LORA_CASES = ("lora_t5", "lora_t10", "lora_t20")
-CASES = LAYER_CASES + MODEL_CASES + ATTENTION_CASES + LORA_CASES
+# serving a mixed batch: one wrapped ViT with T = 10 frozen tasks, each sample its own task (softtf.bench.serving)
+SERVE_CASES = ("serve_t10",)
+CASES = LAYER_CASES + MODEL_CASES + ATTENTION_CASES + LORA_CASES + SERVE_CASES
 SOFT_BACKENDS = tuple(b for b in BACKENDS if b != "auto")  # cpp, cuda, triton, reference
 FLOOR, LORA_REF, EAGER, COMPILED = "floor", "lora[matched]", "eager", "compiled"
 CANDIDATES = (
@@ -40,16 +43,21 @@ PROMPT_CANDIDATES = ("dualprompt", "dualprompt+softtf", "norga", "norga+softtf")
 ROUTED_CANDIDATES = (FLOOR,) + tuple(f"softtf[{b}]" for b in SOFT_BACKENDS) + (EAGER,)
 # the BERT model case also runs SAPT (softtf.bench.sapt_rows): routed LoRA on q and v of every layer, T = 5
 SAPT_CANDIDATES = ("sapt",)
+# the serving case: floor = masks off, task_names = one call, eager = one call per task present ("grouped"),
+# per_sample = one call per sample
+SERVE_CANDIDATES = (FLOOR, "task_names", EAGER, "per_sample")
 ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + ATTENTION_CANDIDATES + PROMPT_CANDIDATES + ROUTED_CANDIDATES
-                                     + SAPT_CANDIDATES))
+                                     + SAPT_CANDIDATES + SERVE_CANDIDATES))
 MASK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS = ("median", "min")
 
 
 def case_level(name: str) -> str:
-    """The level of case ``name``: "layer", "model", "attention" or "lora" (routed LoRA)."""
+    """The level of case ``name``: "layer", "model", "attention", "lora" (routed LoRA) or "serve"."""
     if name in LAYER_CASES:
         return "layer"
+    if name in SERVE_CASES:
+        return "serve"
     return "attention" if name in ATTENTION_CASES else "lora" if name in LORA_CASES else "model"
 
 
@@ -59,6 +67,8 @@ def case_candidates(name: str) -> tuple[str, ...]:
         return ATTENTION_CANDIDATES
     if name in LORA_CASES:
         return ROUTED_CANDIDATES
+    if name in SERVE_CASES:
+        return SERVE_CANDIDATES
     if name == "bert":
         return CANDIDATES + SAPT_CANDIDATES
     return CANDIDATES + PROMPT_CANDIDATES if name == "vit" else CANDIDATES
@@ -157,5 +167,6 @@ class BenchConfig:
         return self.json or os.path.join(self.output, "bench.json")
 
     def timing(self, level: str) -> tuple[int, int]:
-        """(warm-up calls, timed calls) of a ``"layer"``, ``"attention"``, ``"lora"`` or ``"model"`` case."""
-        return (self.model_warmup, self.model_repeats) if level == "model" else (self.warmup, self.repeats)
+        """(warm-up calls, timed calls) of a ``"layer"``, ``"attention"``, ``"lora"``, ``"model"`` or ``"serve"`` case."""
+        model_sized = level in ("model", "serve")
+        return (self.model_warmup, self.model_repeats) if model_sized else (self.warmup, self.repeats)

@@ -17,6 +17,9 @@ _PAIRED = {
              "fwd: no_grad forward; fwd+bwd: forward + backward to x, A, B and the routing weights "
              "(+ Adam on A, B, weights); x frozen: time / the frozen nn.Linear's; "
              "x loop: time or peak / the PEFT loop's"),
+    "serve": ("floor", "grouped",
+              "fwd: no_grad forward of the whole mixed batch; fwd+bwd: n/a (serving); x floor: time / the frozen "
+              "model's (masks off); x grouped: time or peak / one call per task present"),
 }
 
 
