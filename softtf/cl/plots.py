@@ -38,8 +38,11 @@ def plot_accuracy_matrix(A, path: str | os.PathLike, title: str = "") -> None:
     ax.set_ylabel("after training task i")
     ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
     ax.set_yticks(range(n), [str(i + 1) for i in range(n)])
-    ax.set_title(title or "accuracy matrix A[i, j] (%)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    final = average_accuracy(A, n - 1)  # ACC: the last row's mean, what the summary reports
+    ax.set_title(f"{title}\nfinal ACC {final:.2f} %" if title else f"accuracy matrix A[i, j], final ACC {final:.2f} %",
+                 fontsize=9)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label("accuracy on task j (%)", fontsize=8)
     _save(fig, os.fspath(path))
     plt.close(fig)
 
