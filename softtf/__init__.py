@@ -50,7 +50,7 @@ from .methods import ContinualMethod, method_names
 
 METHODS = method_names()
 
-__version__ = "0.1.0"
+from .version import VERSION as __version__  # noqa: E402
 __all__ = [
     "ClassIncrementalScenario", "ContinualClassifier", "ContinualMethod", "GradientIDResult", "LabelledData",
     "METHODS", "PromptID", "RunConfig", "RunResult", "SoftConfig", "SoftLinear", "SoftModel", "TASK_ID_MODES",

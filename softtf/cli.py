@@ -50,6 +50,7 @@ from .cl.scenario import scenario_for
 from .cl.seeds import seed_directory, write_summary
 from .core import SoftConfig, load_tensors, save_tensors
 from .methods import method_class, method_names
+from .version import VERSION
 
 __all__ = ["main", "build_parser", "CliError"]
 
@@ -94,15 +95,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
-def _version() -> str:
-    from . import __version__  # the package's, not the installed metadata's (editable installs)
-
-    return __version__
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softtf", description="Soft-TransFormers continual learning")
-    p.add_argument("--version", action="version", version=f"softtf {_version()}")
+    p.add_argument("--version", action="version", version=f"softtf {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a class-incremental continual-learning experiment", formatter_class=_HelpFormatter)
