@@ -1,16 +1,24 @@
-"""A batch of model inputs: a tensor, or a dict / tuple / list of tensors sharing dim 0 (HF tokens)."""
+"""A batch of model inputs: a tensor, or a mapping (dict, Hugging Face ``BatchEncoding``) / tuple /
+list of tensors sharing dim 0."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_size", "take_rows", "device_of", "to_device"]
+__all__ = ["batch_size", "call_model", "take_rows", "device_of", "to_device"]
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping (keyword arguments, as Hugging Face models and PEFT take
+    ``input_ids=``, ``attention_mask=``), else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 def _first(inputs: Any) -> Any:
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return next(iter(inputs.values()))
     if isinstance(inputs, (tuple, list)):
         return inputs[0]
@@ -20,9 +28,11 @@ def _first(inputs: Any) -> Any:
 def batch_size(inputs: Any) -> int:
     if isinstance(inputs, Tensor):
         return inputs.shape[0]
-    if isinstance(inputs, (dict, tuple, list)):
+    if isinstance(inputs, (Mapping, tuple, list)):
+        if not inputs:
+            raise ValueError("inputs is empty: no tensor to read the batch size from")
         return batch_size(_first(inputs))
-    raise TypeError(f"inputs must be a tensor, dict or tuple of tensors, got {type(inputs).__name__}")
+    raise TypeError(f"inputs must be a tensor, a mapping or a tuple of tensors, got {type(inputs).__name__}")
 
 
 def device_of(inputs: Any) -> torch.device:
@@ -35,7 +45,7 @@ def take_rows(inputs: Any, index: Tensor) -> Any:
     """Rows ``index`` of a batch (non-tensor leaves are passed through)."""
     if isinstance(inputs, Tensor):
         return inputs[index]
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return {k: take_rows(v, index) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(take_rows(v, index) for v in inputs)
@@ -43,6 +53,6 @@ def take_rows(inputs: Any, index: Tensor) -> Any:
 
 
 def to_device(inputs: Any, device) -> Any:
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return {k: v.to(device) for k, v in inputs.items()}
     return inputs.to(device)

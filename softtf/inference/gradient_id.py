@@ -8,13 +8,14 @@ same batch, and ∂H_b/∂α_b only sees sample b because samples do not interac
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..core.batch import batch_size, device_of, take_rows
+from ..core.batch import batch_size, call_model, device_of, take_rows
 from ..core.layer import SoftLinear, preserve_modes, soft_layers, use_tasks
 
 __all__ = ["GradientIDResult", "gradient_id", "predict_with_tasks", "entropy"]
@@ -125,7 +126,7 @@ def gradient_id(
         raise ValueError(f"k_shot must be a positive int, got {k_shot!r}")
     layers = _layers(model)
     tasks = _candidate_tasks(layers, tasks)
-    forward_fn = model if forward_fn is None else forward_fn
+    forward_fn = functools.partial(call_model, model) if forward_fn is None else forward_fn
     n, t = batch_size(inputs), len(tasks)
     dev = layers[0].weight.device
     if n == 0:
@@ -203,7 +204,7 @@ def predict_with_tasks(
         raise ValueError(f"task_index must hold indices into tasks (0..{len(tasks) - 1}), got {ids.tolist()}")
     for name in dict.fromkeys(tasks[i] for i in ids.tolist()):
         layers[0].mask(name)  # KeyError naming an unknown task, before the forward
-    forward_fn = model if forward_fn is None else forward_fn
+    forward_fn = functools.partial(call_model, model) if forward_fn is None else forward_fn
     if n == 0:
         return _logits(forward_fn(inputs))
     with use_tasks([tasks[i] for i in ids.tolist()]):
