@@ -58,6 +58,35 @@ for _spec in OPS:
         torch.library.register_autograd(_qualname, _spec.autograd.backward,
                                         setup_context=_spec.autograd.setup_context, lib=_lib)
 
+# Under torch.autocast these ops run in the autocast dtype, as torch's own linear and attention do:
+# their fp32/fp16/bf16 inputs on the autocast device (x, W, masks, bias, LoRA blocks, prompts) are
+# cast to torch.get_autocast_dtype(device) first, read per call (torch.library.register_autocast
+# would fix one dtype at registration). The casts are differentiable: a trainable fp32 mask still
+# receives an fp32 gradient; kernels accumulate in fp32 either way. float64 is left alone (as
+# autocast does). Backward ops are not listed: autograd runs them outside the autocast region.
+AUTOCAST_OPS = ("masked_linear", "mixed_task_linear", "routed_lora", "prefix_attention_forward")
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocasting(name: str, device_type: str):
+    def kernel(*args, **kwargs):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(a):
+            ok = isinstance(a, Tensor) and a.dtype in _CASTABLE and a.device.type == device_type
+            return a.to(dtype) if ok else a
+
+        with torch.autocast(device_type, enabled=False):
+            return getattr(torch.ops.softtf, name)(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    kernel.__name__ = f"{name}_autocast_{device_type}"
+    return kernel
+
+
+for _name in AUTOCAST_OPS:
+    _lib.impl(_name, _autocasting(_name, "cpu"), "AutocastCPU")
+    _lib.impl(_name, _autocasting(_name, "cuda"), "AutocastCUDA")
+
 for _comp in COMPOSITES:
     _lib.define(f"{_comp.name}{_comp.schema}")
     _lib.impl(_comp.name, _output_of(_comp), "CompositeImplicitAutograd")
