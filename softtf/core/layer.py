@@ -143,6 +143,25 @@ class SoftLinear(LinearWrapper):
             self._order.append(name)
             self.set_task(name)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` / ``.double()`` / ``.to(device)``: the base layer
+        converts; trainable masks stay in the training dtype of the new weight dtype (fp32 for
+        fp32/bf16/fp16 weights: Adam's small steps and its state need it; fp64 for fp64); frozen
+        masks keep their stored dtype (``mask_dtype``). Devices move for all. The Parameter objects
+        are kept, so an optimizer built before the call still holds them."""
+        frozen_dtype = self.frozen_masks.dtype
+        super()._apply(fn, recurse)
+        want = train_dtype(self.weight.dtype)
+        with torch.no_grad():
+            for p in self.masks.values():
+                if p.dtype != want:
+                    p.data = p.data.to(want)
+                    if p.grad is not None:
+                        p.grad = p.grad.to(want)
+            if self.frozen_masks.dtype != frozen_dtype:
+                self.frozen_masks = self.frozen_masks.to(frozen_dtype)
+        return self
+
     def set_task(self, name: str, train: bool | None = None) -> None:
         """Make ``name`` the active task (single-task mode). Its mask trains unless it is frozen."""
         self._check_known(name)
