@@ -144,22 +144,14 @@ class SoftLinear(LinearWrapper):
             self.set_task(name)
 
     def _apply(self, fn, recurse: bool = True):
-        """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` / ``.double()`` / ``.to(device)``: the base layer
-        converts; trainable masks stay in the training dtype of the new weight dtype (fp32 for
-        fp32/bf16/fp16 weights: Adam's small steps and its state need it; fp64 for fp64); frozen
-        masks keep their stored dtype (``mask_dtype``). Devices move for all. The Parameter objects
-        are kept, so an optimizer built before the call still holds them."""
+        """.to(dtype) / .half() / .double(): the base layer converts; trainable masks stay in the training
+        dtype (fp32; fp64 for fp64 weights), frozen ones in ``mask_dtype``; Parameters are kept (optimizers)."""
         frozen_dtype = self.frozen_masks.dtype
         super()._apply(fn, recurse)
         want = train_dtype(self.weight.dtype)
-        with torch.no_grad():
-            for p in self.masks.values():
-                if p.dtype != want:
-                    p.data = p.data.to(want)
-                    if p.grad is not None:
-                        p.grad = p.grad.to(want)
-            if self.frozen_masks.dtype != frozen_dtype:
-                self.frozen_masks = self.frozen_masks.to(frozen_dtype)
+        for p in [p for p in self.masks.values() if p.dtype != want]:
+            p.data, p.grad = p.data.to(want), None if p.grad is None else p.grad.to(want)
+        self.frozen_masks = self.frozen_masks.to(frozen_dtype)
         return self
 
     def set_task(self, name: str, train: bool | None = None) -> None:
@@ -413,15 +405,11 @@ class SoftLinear(LinearWrapper):
             self.set_task(self.active_task)
 
     def extra_repr(self) -> str:
-        tasks = ", ".join(
-            f"{n} ({'frozen ' + str(self.mask_dtype) if n in self._frozen else 'trainable ' + str(self.masks[n].dtype)})"
-            for n in self._order
-        )
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weight_dtype={self.weight.dtype}, mask_dtype={self.mask_dtype}, tasks=[{tasks}], "
-            f"active={self.active_task}, mode={self.mode}"
-        )
+        kinds = {n: f"frozen {self.mask_dtype}" if n in self._frozen else f"trainable {self.masks[n].dtype}" for n in self._order}
+        tasks = ", ".join(f"{n} ({kind})" for n, kind in kinds.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight_dtype={self.weight.dtype}, mask_dtype={self.mask_dtype}, tasks=[{tasks}], "
+                f"active={self.active_task}, mode={self.mode}")
 
 
 def soft_layers(model: nn.Module) -> dict[str, SoftLinear]:

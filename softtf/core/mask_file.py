@@ -4,7 +4,8 @@ File layout (one ``.safetensors`` file):
 
 * tensor ``"{layer}::{task}"`` for every masked layer and task: the mask, in the dtype it has in
   memory (frozen tasks: the layer's ``mask_dtype``; trainable tasks: fp32);
-* tensor ``"extra::{key}"`` for caller-supplied extras (a classifier head, Prompt-ID keys, ...);
+* tensor ``"extra::{key}"`` for caller-supplied extras (Prompt-ID keys, ...); a SoftModel also stores
+  the state of its ``modules_to_save`` (the classifier head) as ``"extra::modules_to_save/{name}"``;
 * metadata (strings): ``format = "softtf.masks"``, ``version``, ``config`` (SoftConfig JSON),
   ``layers`` / ``tasks`` / ``frozen`` (JSON lists), ``active_task``, ``mask_dtype`` and any
   caller metadata under ``"user."`` keys.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -144,7 +146,8 @@ def _check_metadata(info: dict, path: str) -> None:
         raise ValueError(f"load_masks: {path!r} metadata 'config' is not a SoftConfig ({exc})") from exc
 
 
-def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None, path: str | os.PathLike) -> dict[str, Tensor]:
+def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None, path: str | os.PathLike,
+                        check_extras: Callable[[dict[str, Tensor]], None] | None = None) -> dict[str, Tensor]:
     """Add the tasks stored in ``path`` to ``layers`` (same layers, shapes and mask dtypes).
 
     All or nothing: every check runs before the model is touched (the metadata's fields and
@@ -153,7 +156,8 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
     was saved with: frozen, the layer's ``mask_dtype``; trainable, the layer's training dtype),
     then every layer's new state is built, and only then committed to all layers. Frozen tasks
     are frozen again in the saved order; the saved active task (else the last loaded task) is
-    selected. Returns the extra tensors (keys without ``"extra::"``).
+    selected. ``check_extras(extras)``, if given, runs after the mask checks and before anything
+    changes (it raises to refuse the file). Returns the extra tensors (keys without ``"extra::"``).
     """
     tensors, info = read_mask_file(path)
     path = os.fspath(path)
@@ -193,12 +197,15 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
     if stray:
         raise ValueError(f"load_masks: {path!r} has tensors that are neither masks nor extras: {stray[:6]}")
 
+    extras = {k[len("extra" + _SEP):]: v for k, v in tensors.items() if k.startswith("extra" + _SEP)}
+    if check_extras is not None:
+        check_extras(extras)
     commits = [  # build every layer's new state first: a failure here leaves the model as it was
         layer.stage_tasks({t: tensors[f"{lname}{_SEP}{t}"] for t in tasks}, frozen, info["active_task"])
         for lname, layer in layers.items()
     ]
     for commit in commits:
         commit()
-    return {k[len("extra" + _SEP):]: v for k, v in tensors.items() if k.startswith("extra" + _SEP)}
+    return extras
 
 

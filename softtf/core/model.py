@@ -17,6 +17,7 @@ the same tasks in the same order.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -26,7 +27,12 @@ from .config import SoftConfig, resolve_config
 from .layer import MaskSwitch, SoftLinear, soft_layers, use_task, use_tasks
 from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
 
-__all__ = ["SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model", "layers_of"]
+__all__ = ["SAVED_PREFIX", "SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model",
+           "layers_of"]
+
+# Extras under this prefix hold the state of the modules ``wrap`` keeps trainable besides the masks
+# (``SoftConfig.modules_to_save``: the classifier head by default), so a reload reproduces the model.
+SAVED_PREFIX = "modules_to_save/"
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int | None:
@@ -233,15 +239,51 @@ class SoftModel(nn.Module):
         return (p for p in self.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ save / load / unwrap
+    def saved_module_state(self) -> dict[str, Tensor]:
+        """State (parameters and buffers) of the modules kept trainable besides the masks
+        (``modules_to_save``), keyed ``"<module>.<name>"``."""
+        return {f"{n}.{k}": t for n in self._saved_modules for k, t in self.model.get_submodule(n).state_dict().items()}
+
     def save_masks(self, path: str | os.PathLike, extra: dict[str, Tensor] | None = None, metadata: dict | None = None) -> None:
-        """Write masks + config + task names to ``path`` (safetensors, atomic). See :mod:`softtf.core.mask_file`."""
+        """Write masks + config + task names + the state of ``modules_to_save`` (the head) to ``path``
+        (safetensors, atomic). See :mod:`softtf.core.mask_file`."""
         self._check_live()
+        extra = dict(extra or {})
+        reserved = [k for k in extra if isinstance(k, str) and k.startswith(SAVED_PREFIX)]
+        if reserved:
+            raise ValueError(f"save_masks: extra keys starting with {SAVED_PREFIX!r} are reserved for modules_to_save, "
+                             f"got {reserved[:4]}")
+        extra.update({SAVED_PREFIX + k: v for k, v in self.saved_module_state().items()})
         write_mask_file(self.soft_layers, self.soft_config, path, extra=extra, metadata=metadata)
 
     def load_masks(self, path: str | os.PathLike) -> dict[str, Tensor]:
-        """Add the tasks stored at ``path`` to this model; returns the extra tensors stored with them."""
+        """Add the tasks stored at ``path`` to this model and restore the saved state of its
+        ``modules_to_save``; returns the caller's extra tensors stored with them. Everything is
+        checked before anything changes."""
         self._check_live()
-        return add_tasks_from_file(self.soft_layers, self.soft_config, path)
+        own = self.saved_module_state()
+        saved: dict[str, Tensor] = {}
+
+        def check(extras: dict[str, Tensor]) -> None:
+            saved.update({k[len(SAVED_PREFIX):]: v for k, v in extras.items() if k.startswith(SAVED_PREFIX)})
+            if saved:
+                missing, unknown = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+                if missing or unknown:
+                    raise ValueError(f"load_masks: {os.fspath(path)!r} saved modules_to_save state that does not match "
+                                     f"this model's (missing {missing[:4]}, unknown {unknown[:4]})")
+                for k, v in saved.items():
+                    if v.shape != own[k].shape or v.dtype != own[k].dtype:
+                        raise ValueError(f"load_masks: {k} in {os.fspath(path)!r} is {v.dtype} {tuple(v.shape)}, the "
+                                         f"model's is {own[k].dtype} {tuple(own[k].shape)}")
+            elif own:
+                warnings.warn(f"load_masks: {os.fspath(path)!r} stores no modules_to_save state (saved by an older "
+                              f"softtf); {self._saved_modules} keep their current weights", stacklevel=3)
+
+        extras = add_tasks_from_file(self.soft_layers, self.soft_config, path, check_extras=check)
+        with torch.no_grad():
+            for k, v in saved.items():
+                own[k].copy_(v)
+        return {k: v for k, v in extras.items() if not k.startswith(SAVED_PREFIX)}
 
     def unwrap(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back, restore every parameter's original
@@ -294,12 +336,16 @@ def save_masks(
 ) -> None:
     """Write every task's masks of ``model`` (a SoftModel or any module with ``SoftLinear`` layers),
     + config, task names and optional extras, to ``path`` (see :mod:`softtf.core.mask_file`)."""
+    if isinstance(model, SoftModel):  # stores its modules_to_save (the head) too
+        return model.save_masks(path, extra=extra, metadata=metadata)
     layers, config = layers_of(model)
     write_mask_file(layers, config, path, extra=extra, metadata=metadata)
 
 
 def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
     """Add the tasks stored in ``path`` to ``model``; returns the extra tensors stored with them."""
+    if isinstance(model, SoftModel):  # restores its modules_to_save (the head) too
+        return model.load_masks(path)
     layers, config = layers_of(model)
     return add_tasks_from_file(layers, config, path)
 
