@@ -16,6 +16,8 @@ the same tasks in the same order.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import warnings
 from typing import Any, Iterator, Sequence
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from .config import SoftConfig, resolve_config
 from .layer import MaskSwitch, SoftLinear, soft_layers, use_task, use_tasks
+from .files import atomic_write
 from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
 
 __all__ = ["SAVED_PREFIX", "SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model",
@@ -33,6 +36,9 @@ __all__ = ["SAVED_PREFIX", "SoftModel", "wrap", "set_submodule", "save_masks", "
 # Extras under this prefix hold the state of the modules ``wrap`` keeps trainable besides the masks
 # (``SoftConfig.modules_to_save``: the classifier head by default), so a reload reproduces the model.
 SAVED_PREFIX = "modules_to_save/"
+# Library-level persistence of the wrapped model (Hugging Face, timm) never runs through a SoftModel.
+_NOT_PASSED_THROUGH = frozenset({"push_to_hub", "save_model", "save_checkpoint"})
+PRETRAINED_MASKS, PRETRAINED_CONFIG = "masks.safetensors", "softtf_config.json"
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int | None:
@@ -96,6 +102,10 @@ class SoftModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+            if name in _NOT_PASSED_THROUGH:  # the wrapped model's would save it without the masks' meaning
+                raise AttributeError(f"SoftModel.{name} is not supported: the wrapped model's {name} would persist "
+                                     "its SoftLinear layers half-understood. Use save_pretrained(dir) / "
+                                     "SoftModel.from_pretrained(base_model, dir), or save_masks / load_soft_model") from None
             return getattr(self.model, name)
 
     def forward(self, *args, task_names: str | Sequence[str] | None = None, **kwargs):
@@ -256,6 +266,25 @@ class SoftModel(nn.Module):
         extra.update({SAVED_PREFIX + k: v for k, v in self.saved_module_state().items()})
         write_mask_file(self.soft_layers, self.soft_config, path, extra=extra, metadata=metadata)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """PEFT-style: write ``masks.safetensors`` (masks, config, tasks, head; atomic) and a readable
+        ``softtf_config.json`` into ``directory`` (created if missing). The base model is not saved."""
+        self._check_live()
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.save_masks(os.path.join(directory, PRETRAINED_MASKS))
+        info = {"softtf_config": self.soft_config.to_dict(), "tasks": self.tasks, "frozen": self.frozen_tasks,
+                "modules_to_save": self._saved_modules, "base_model": type(self.model).__name__}
+        atomic_write(os.path.join(directory, PRETRAINED_CONFIG), functools.partial(_write_json, info))
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> "SoftModel":
+        """Wrap ``base_model`` (the same pretrained weights) as saved by :meth:`save_pretrained`."""
+        path = os.path.join(os.fspath(directory), PRETRAINED_MASKS)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_pretrained: {path!r} does not exist (write it with save_pretrained)")
+        return load_soft_model(base_model, path)[0]
+
     def load_masks(self, path: str | os.PathLike) -> dict[str, Tensor]:
         """Add the tasks stored at ``path`` to this model and restore the saved state of its
         ``modules_to_save``; returns the caller's extra tensors stored with them. Everything is
@@ -302,6 +331,11 @@ class SoftModel(nn.Module):
         if self._unwrapped:
             return "unwrapped"
         return f"layers={len(self._layer_names)}, tasks={self.tasks}, active={self.active_task}"
+
+
+def _write_json(info: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(info, fh, indent=1, default=str)
 
 
 def wrap(model: nn.Module, config: SoftConfig | None = None) -> SoftModel:
