@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import peak_extra_bytes, timeit  # noqa: E402
 
 import softtf  # noqa: E402
+from softtf.bench.serving import grouped_forward  # noqa: E402
 
 
 def build(n_tasks: int, img: int, dim: int, depth: int, heads: int):
@@ -61,14 +62,7 @@ def main(argv=None) -> int:
         return model(x, task_names=names)
 
     def grouped():
-        out = None
-        for t in ids.unique().tolist():
-            rows = (ids == t).nonzero().squeeze(1)
-            with softtf.use_task(f"t{t}"):
-                y = model(x[rows])
-            out = y.new_empty(a.batch, y.shape[1]) if out is None else out
-            out[rows] = y
-        return out
+        return grouped_forward(model, x, ids)
 
     def per_sample():
         return torch.cat([model(x[b:b + 1], task_names=names[b]) for b in range(a.batch)])

@@ -1,6 +1,7 @@
 """The cases: one linear layer (ViT qkv/proj, BERT query), a whole random-init model (ViT, BERT), or
 one attention call at ViT-B/16 shapes with DualPrompt's / NoRGa's prefix (``attn_*``), or SAPT's
-mixture of T LoRA blocks on one BERT-base projection (``lora_t*``)."""
+mixture of T LoRA blocks on one BERT-base projection (``lora_t*``), or the ViT wrapped with T frozen
+tasks serving a batch of mixed tasks (``serve_t10``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import SoftConfig, resolve_config
+from ..core.model import wrap
 from .attention import ACTIVATIONS, AttentionHolder, FrozenAttention, attention_shape
-from .config import ATTENTION_CASES, CASES, LAYER_CASES, LORA_CASES, BenchConfig
+from .config import ATTENTION_CASES, CASES, LAYER_CASES, LORA_CASES, SERVE_CASES, SERVE_TASKS, BenchConfig
 from .routed import SAPT_ALPHA, routed_shape
 
 __all__ = ["Case", "LayerHolder", "build_case"]
@@ -21,7 +23,7 @@ __all__ = ["Case", "LayerHolder", "build_case"]
 @dataclass
 class Case:
     name: str
-    level: str  # "layer", "model", "attention" or "lora"
+    level: str  # "layer", "model", "attention", "lora" or "serve"
     description: str
     model: nn.Module
     names: list[str]  # target modules (linear layers; the attention cases: "attn")
@@ -66,6 +68,8 @@ def build_case(name: str, config: BenchConfig, device: torch.device) -> Case:
         case = _attention_case(name, config, device)
     elif name in LORA_CASES:
         case = _routed_case(name, config, device)
+    elif name in SERVE_CASES:
+        case = _serve_case(name, config, device)
     else:
         raise ValueError(f"unknown case {name!r}; choose from {CASES}")
     if case.level == "model":
@@ -160,3 +164,25 @@ def _routed_case(name: str, config: BenchConfig, device: torch.device) -> Case:
     return Case(name, "lora", desc, LayerHolder(lin), ["lin"], {"lin": lin}, x, x.clone().requires_grad_(True), None,
                 b * n, b, logits_fn=lambda m, inp: m(inp), loss_fn=lambda m, inp, lab: m(inp).pow(2).mean(),
                 wrap_used="")
+
+
+def _serve_case(name: str, config: BenchConfig, device: torch.device) -> Case:
+    """The ``vit`` case's model wrapped (default targets) with SERVE_TASKS frozen tasks, masks drawn
+    around 1 (one seed each), and a batch of 4 x --vit-batch images whose task ids are drawn at random
+    (seeded; ``labels`` holds them)."""
+    vit = build_case("vit", config, device)
+    model = wrap(vit.model)
+    for t in range(SERVE_TASKS):
+        model.add_task(f"t{t}", init=("uniform", 0.9, 1.1), seed=config.seed + t)
+        model.freeze_task(f"t{t}")
+    model.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(config.seed)
+    b = 4 * config.vit_batch
+    x = torch.randn(b, 3, *vit.inputs.shape[-2:], generator=gen).to(device)
+    ids = torch.randint(0, SERVE_TASKS, (b,), generator=gen)
+    ntok = vit.tokens // vit.batch
+    desc = (f"{vit.description.split(', batch')[0]} wrapped with T = {SERVE_TASKS} frozen tasks; batch {b} x {ntok} "
+            f"tokens, task ids drawn at random ({len(ids.unique())} tasks present)")
+    return Case(name, "serve", desc, model, list(vit.names), {n: vit.originals[n] for n in vit.names}, x, x, ids,
+                b * ntok, b, logits_fn=lambda m, inp: m(inp), loss_fn=lambda m, inp, lab: m(inp).sum(),
+                wrap_used="softtf.wrap")

@@ -12,7 +12,7 @@ __all__ = [
     "ALL_CANDIDATES", "ATTENTION_CANDIDATES", "ATTENTION_CASES", "BenchConfig", "CANDIDATES", "CASES", "COMPILED", "EAGER",
     "FLOOR",
     "LAYER_CASES", "LORA_CASES", "LORA_REF", "MASK_DTYPES", "MODEL_CASES", "PROMPT_CANDIDATES", "ROUTED_CANDIDATES",
-    "SAPT_CANDIDATES", "SERVE_CANDIDATES", "SERVE_CASES", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates",
+    "SAPT_CANDIDATES", "SERVE_CANDIDATES", "SERVE_CASES", "SERVE_TASKS", "SOFT_BACKENDS", "STATS", "TASKS", "case_candidates",
     "case_level",
 ]
 
@@ -25,6 +25,7 @@ ATTENTION_CASES = ("attn_dualprompt", "attn_norga")
 LORA_CASES = ("lora_t5", "lora_t10", "lora_t20")
 # serving a mixed batch: one wrapped ViT with T = 10 frozen tasks, each sample its own task (softtf.bench.serving)
 SERVE_CASES = ("serve_t10",)
+SERVE_TASKS = 10  # frozen tasks of the serving case
 CASES = LAYER_CASES + MODEL_CASES + ATTENTION_CASES + LORA_CASES + SERVE_CASES
 SOFT_BACKENDS = tuple(b for b in BACKENDS if b != "auto")  # cpp, cuda, triton, reference
 FLOOR, LORA_REF, EAGER, COMPILED = "floor", "lora[matched]", "eager", "compiled"

@@ -57,12 +57,12 @@ def cpu_allocation_profile(fn: Callable[[], Any]) -> tuple[int, int]:
     are ignored, so the peak is the high-water mark of what the call itself allocated."""
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():  # Kineto's start/stop log lines (and its CUDA probe's error on a CPU-only machine)
-        prof.__enter__()
+        prof.start()
     try:
         fn()
     finally:
         with _quiet_stderr():
-            prof.__exit__(None, None, None)
+            prof.stop()
     events = sorted(_allocation_events(prof), key=lambda e: e[0])
     live: dict[int, int] = {}
     cur = peak = largest = 0

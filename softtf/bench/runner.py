@@ -10,12 +10,11 @@ from tqdm.auto import tqdm
 
 from .candidates import Candidate, build_candidates
 from .cases import Case, build_case
-from .config import SERVE_CASES, TASKS, BenchConfig, case_candidates, case_level
+from .config import TASKS, BenchConfig, case_candidates, case_level
 from .harness import measure_case
 from .meta import loadavg, run_metadata
 from .ratios import add_ratios, targets
 from .report import targets_text
-from .serving import serve_case
 
 __all__ = ["measure"]
 
@@ -80,7 +79,7 @@ def _measure(config: BenchConfig, device: torch.device) -> dict:
     try:
         for name in config.cases:
             pbar.set_description(f"{name}: building")
-            case = serve_case(name, config, device) if name in SERVE_CASES else build_case(name, config, device)
+            case = build_case(name, config, device)
             cands = build_candidates(case, config, device)
             # progress accounts every candidate x task; rows that never run are ticked off now
             pbar.update(calls[case.level] * sum(1 for c in cands for t in TASKS if t not in c.fns or t in c.results))

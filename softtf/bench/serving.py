@@ -1,5 +1,6 @@
-"""The serving case (``serve_t10``): one wrapped ViT holding T = 10 frozen tasks answers a batch whose
-samples belong to tasks drawn at random, the way a deployed model receives requests.
+"""The rows of the serving case (``serve_t10``, built by :mod:`softtf.bench.cases`): one wrapped ViT
+holding T = 10 frozen tasks answers a batch whose samples belong to tasks drawn at random, the way a
+deployed model receives requests.
 
 Rows, each giving the same logits (checked before timing):
   floor       the frozen model on the whole batch, masks off (``SoftModel.disable_masks``)
@@ -14,44 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core.model import wrap
 from ..core.tasks import use_task
 from .candidate import Candidate
-from .cases import Case, build_case
-from .config import EAGER, FLOOR, SERVE_CASES, BenchConfig
+from .cases import Case
+from .config import EAGER, FLOOR, SERVE_TASKS, BenchConfig
+from .memory import tensor_bytes
 
-__all__ = ["SERVE_TASKS", "serve_candidates", "serve_case"]
-
-SERVE_TASKS = 10
-
-
-def serve_case(name: str, config: BenchConfig, device: torch.device) -> Case:
-    """The ``vit`` case's model wrapped with T frozen tasks (masks drawn around 1, one seed each) and a
-    batch of 4 x --vit-batch images with task ids drawn at random (seeded)."""
-    if name not in SERVE_CASES:
-        raise ValueError(f"not a serving case: {name!r}; choose from {SERVE_CASES}")
-    vit = build_case("vit", config, device)
-    model = wrap(vit.model)
-    for t in range(SERVE_TASKS):
-        model.add_task(f"t{t}", init=("uniform", 0.9, 1.1), seed=config.seed + t)
-        model.freeze_task(f"t{t}")
-    model.eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(config.seed)
-    b = 4 * config.vit_batch
-    img = vit.inputs.shape[-2:]
-    x = torch.randn(b, 3, *img, generator=gen).to(device)
-    ids = torch.randint(0, SERVE_TASKS, (b,), generator=gen)
-    ntok = vit.tokens // vit.batch
-    present = len(ids.unique())
-    desc = (f"{vit.description.split(', batch')[0]} wrapped with T = {SERVE_TASKS} frozen tasks; batch {b} x {ntok} "
-            f"tokens, task ids drawn at random ({present} tasks present)")
-    case = Case(name, "serve", desc, model, list(vit.names), {}, x, x, ids, b * ntok, b,
-                logits_fn=lambda m, inp: m(inp), loss_fn=lambda m, inp, lab: m(inp).sum(), wrap_used="softtf.wrap")
-    case.originals = {n: vit.originals[n] for n in vit.names}
-    return case
+__all__ = ["grouped_forward", "serve_candidates"]
 
 
-def _grouped(model: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
+def grouped_forward(model: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
+    """The logits of a mixed batch by one call per task present (task ``t{i}`` for id i, under
+    :func:`use_task`), each on that task's samples, scattered back into batch order."""
     out = None
     for t in ids.unique().tolist():
         rows = (ids == t).nonzero().squeeze(1).to(x.device)
@@ -74,12 +49,11 @@ def serve_candidates(case: Case, config: BenchConfig, device: torch.device) -> l
     calls = {
         FLOOR: ("frozen, masks off (floor)", floor),
         "task_names": ("model(x, task_names=...)", lambda: model(x, task_names=names)),
-        EAGER: ("grouped: one call per task", lambda: _grouped(model, x, ids)),
+        EAGER: ("grouped: one call per task", lambda: grouped_forward(model, x, ids)),
         "per_sample": ("one call per sample", lambda: torch.cat([model(x[i:i + 1], task_names=names[i])
                                                                  for i in range(x.shape[0])])),
     }
-    frozen_bytes = sum(int(getattr(m, "frozen_masks").nbytes) for m in model.modules()
-                       if isinstance(getattr(m, "frozen_masks", None), Tensor))
+    frozen_bytes = tensor_bytes(layer.frozen_masks for layer in model.soft_layers.values())
     params = {"trainable": 0, "stored_per_task": 0, "bytes_per_task": frozen_bytes // SERVE_TASKS,
               "store_dtype": "frozen masks", "per_layer": [],
               "note": f"{SERVE_TASKS} frozen tasks' masks, {frozen_bytes / 2**20:.1f} MiB in all"}
