@@ -32,6 +32,7 @@ from .cl import (
     run_continual,
 )
 from .core import (
+    MissedMaskWarning,
     SoftConfig,
     SoftLinear,
     SoftModel,
@@ -53,7 +54,7 @@ METHODS = method_names()
 from .version import VERSION as __version__  # noqa: E402
 __all__ = [
     "ClassIncrementalScenario", "ContinualClassifier", "ContinualMethod", "GradientIDResult", "LabelledData",
-    "METHODS", "PromptID", "RunConfig", "RunResult", "SoftConfig", "SoftLinear", "SoftModel", "TASK_ID_MODES",
+    "METHODS", "MissedMaskWarning", "PromptID", "RunConfig", "RunResult", "SoftConfig", "SoftLinear", "SoftModel", "TASK_ID_MODES",
     "__version__", "cls_feature", "entropy", "get_backend", "gradient_id", "load_cifar100", "load_csv_text",
     "load_data", "load_digits", "load_image_folder", "load_masks", "load_soft_model", "metrics",
     "plot_accuracy_curve", "plot_accuracy_matrix", "predict_with_tasks", "pretrain", "read_mask_file",

@@ -23,6 +23,7 @@ Matching rules (as in PEFT):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["SoftConfig", "detect_architecture", "resolve_config", "layer_index", "ARCH_DEFAULTS"]
+__all__ = ["SoftConfig", "detect_architecture", "resolve_config", "layer_index", "ARCH_DEFAULTS", "config_with"]
 
 # Per-architecture defaults: target module suffixes, how many trailing blocks, head names.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -165,6 +166,26 @@ class SoftConfig:
     @classmethod
     def from_json(cls, text: str) -> "SoftConfig":
         return cls.from_dict(json.loads(text))
+
+
+def config_with(config: SoftConfig | None, fields: dict[str, Any], where: str = "wrap") -> SoftConfig | None:
+    """``config`` with ``fields`` (SoftConfig field -> value) overriding its fields, as a copy
+    (``dataclasses.replace``: ``config`` itself never changes); a new SoftConfig from ``fields`` when
+    ``config`` is None; ``config`` as given when ``fields`` is empty. An unknown field is a TypeError."""
+    if not fields:
+        return config
+    known = [f.name for f in dataclasses.fields(SoftConfig)]
+    unknown = [k for k in fields if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}{hint}; "
+                        f"the keyword arguments are SoftConfig's fields: {', '.join(known)}")
+    if config is None:
+        return SoftConfig(**fields)
+    if not isinstance(config, SoftConfig):
+        raise TypeError(f"{where}: config must be a SoftConfig or None, got {type(config).__name__}")
+    return dataclasses.replace(config, **fields)
 
 
 # ---------------------------------------------------------------------- resolution against a model

@@ -10,6 +10,7 @@
     ...     q = model.forward_features(x)
     >>> model.save_masks("masks.safetensors")
     >>> vit = model.unwrap()                      # the original nn.Linear modules are back
+    >>> # or: vit = model.merge_and_unload("task0")  # plain nn.Linear weights W ⊙ M_task0, for deployment
 
 Every lifecycle method applies to every ``SoftLinear`` of the model, so all layers always hold
 the same tasks in the same order.
@@ -25,10 +26,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import SoftConfig, resolve_config
+from .config import SoftConfig, config_with, resolve_config
 from .layer import MaskSwitch, SoftLinear, soft_layers, use_task, use_tasks
 from .files import atomic_write
 from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
+from .merge import merge_layer
+from .optimizer_check import unwatch, watch
 
 __all__ = ["SAVED_PREFIX", "SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model",
            "layers_of"]
@@ -94,6 +97,7 @@ class SoftModel(nn.Module):
         self.soft_config = resolved
         self._layer_names = list(names)
         self._unwrapped = False
+        watch(self, self.soft_layers)  # warns when an optimizer that trains this model misses a later task's masks
 
     # ------------------------------------------------------------------ plumbing
     def __getattr__(self, name: str) -> Any:
@@ -314,18 +318,36 @@ class SoftModel(nn.Module):
                 own[k].copy_(v)
         return {k: v for k, v in extras.items() if not k.startswith(SAVED_PREFIX)}
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (PEFT's ``get_base_model``), its targeted layers being ``SoftLinear``."""
+        return self.model
+
     def unwrap(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back, restore every parameter's original
         ``requires_grad`` and return the wrapped model. This SoftModel is unusable afterwards."""
         self._check_live()
-        for n in self._layer_names:
-            set_submodule(self.model, n, self.model.get_submodule(n).base_layer)
+        return self._release({n: layer.base_layer for n, layer in self.soft_layers.items()})
+
+    def merge_and_unload(self, task: str) -> nn.Module:
+        """Bake ``task``'s masks into the weights and return the plain model, for deployment (PEFT's
+        ``merge_and_unload``). In place, as PEFT does: every SoftLinear becomes its base ``nn.Linear``
+        again, with weight ``W ⊙ M_task`` (formed as the forward forms it: in fp32, then stored in the
+        weight's dtype; see :mod:`softtf.core.merge`) and its bias; other tasks' masks are dropped,
+        ``requires_grad`` is restored as by :meth:`unwrap`, and this SoftModel is unusable afterwards.
+        An unknown ``task`` raises KeyError before anything changes."""
+        self._check_live()
+        self._check_task(task, "merge_and_unload")
+        return self._release({n: merge_layer(layer, task) for n, layer in self.soft_layers.items()})
+
+    def _release(self, linears: dict[str, nn.Module]) -> nn.Module:
+        unwatch(self)
+        for n, module in linears.items():
+            set_submodule(self.model, n, module)
         for n, p in self.model.named_parameters():
             if n in self._orig_requires_grad:
                 p.requires_grad_(self._orig_requires_grad[n])
         self._unwrapped = True
-        model = self.model
-        return model
+        return self.model
 
     def extra_repr(self) -> str:
         if self._unwrapped:
@@ -338,8 +360,12 @@ def _write_json(info: dict, path: str) -> None:
         json.dump(info, fh, indent=1, default=str)
 
 
-def wrap(model: nn.Module, config: SoftConfig | None = None) -> SoftModel:
+def wrap(model: nn.Module, config: SoftConfig | None = None, **fields: Any) -> SoftModel:
     """Swap the targeted ``nn.Linear`` modules of ``model`` for ``SoftLinear`` and freeze the rest.
+
+    ``SoftConfig``'s fields may be given as keywords, PEFT-style: ``wrap(model, target_modules=
+    ["attn.qkv"], mask_init=("uniform", 0.99, 1.0))``; with ``config`` too they override its fields
+    in a copy (``config`` itself is not changed). An unknown keyword raises TypeError.
 
     ``model`` is modified in place (its targeted submodules are replaced); :meth:`SoftModel.unwrap`
     undoes it. With ``config=None`` (or ``None`` fields) the defaults of the architecture apply:
@@ -347,7 +373,7 @@ def wrap(model: nn.Module, config: SoftConfig | None = None) -> SoftModel:
     {query,key,value}`` of the last 3 layers; the classifier head (``head`` / ``classifier``) stays
     trainable when it has parameters. No task exists yet: call :meth:`SoftModel.add_task`.
     """
-    return SoftModel(model, config)
+    return SoftModel(model, config_with(config, fields))
 
 
 def layers_of(model: nn.Module) -> tuple[dict[str, SoftLinear], SoftConfig | None]:
