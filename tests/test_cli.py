@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from softtf.cli import _run_config, build_parser, main
+from softtf.cli import build_parser, main, run_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,7 +243,7 @@ def test_prompt_method_flags(tmp_path, capsys):
     assert res["method_info"]["activation"] == "tanh" and res["method_info"]["mask_layers"]
     parser_args = build_parser().parse_args(["train", "--model", "vit", "--data", "digits", "--output", "x", "--method", "l2p", "--masks"])
     parser_args.tasks = 5  # main() fills it in from the data
-    assert _run_config(parser_args, 0).task_id == "prompt"
+    assert run_config(parser_args, 0).task_id == "prompt"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(base_args(tmp_path / "b", "--epochs", "0", "--depth", "2", "--img-size", "16", "--patch-size", "4",

@@ -312,8 +312,8 @@ def test_generated_text_tasks_on_minilm(tmp_path):
     assert res["acc"] > 34.0, res["accuracy_matrix"]  # chance over the 7 classes: 14
 
 
-def test_cli_flags_reach_the_run_config(tmp_path):
-    from softtf.cli import _run_config, build_parser
+def test_cli_flags_reach_therun_config(tmp_path):
+    from softtf.cli import build_parser, run_config
 
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({f"task{t}": 80.0 + t for t in range(5)}))
@@ -321,7 +321,7 @@ def test_cli_flags_reach_the_run_config(tmp_path):
                                       "--sapt-r", "8", "--sapt-alpha", "16", "--sapt-kl-ratio", "0.1",
                                       "--sapt-replay-size", "0", "--reference-acc", str(ref), "--transfer-metrics", "official"])
     args.tasks = 5
-    cfg = _run_config(args, 0)
+    cfg = run_config(args, 0)
     assert (cfg.task_id, cfg.sapt_r, cfg.sapt_alpha, cfg.sapt_kl_ratio, cfg.sapt_replay_size) == ("none", 8, 16.0, 0.1, 0)
     assert cfg.reference_acc == [80.0, 81.0, 82.0, 83.0, 84.0] and cfg.transfer_metrics == "official"
     assert RunConfig().sapt_r == 4 and RunConfig().sapt_alpha == 32.0 and RunConfig().sapt_kl_ratio == 0.5

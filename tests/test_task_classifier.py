@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from softtf.cl import RunConfig, load_digits, pretrain, run_continual
-from softtf.cli import _run_config, build_parser
+from softtf.cli import build_parser, run_config
 from softtf.core.files import load_tensors, save_tensors
 from softtf.inference import TaskClassifier
 from softtf.methods.softtf import SoftTFMethod
@@ -201,7 +201,7 @@ def test_run_config_and_cli_flags():
                                       "--tii-epochs", "3", "--tii-ca-epochs", "4", "--tii-lr", "0.01", "--tii-ca-lr", "0.02",
                                       "--tii-samples-per-class", "7", "--tii-covariance", "diagonal"])
     args.tasks = 5
-    cfg = _run_config(args, 0)
+    cfg = run_config(args, 0)
     assert (cfg.task_id, cfg.tii_epochs, cfg.tii_ca_epochs, cfg.tii_lr, cfg.tii_ca_lr, cfg.tii_samples_per_class,
             cfg.tii_covariance) == ("classifier", 3, 4, 0.01, 0.02, 7, "diagonal")
 

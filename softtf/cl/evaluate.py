@@ -29,13 +29,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from ..core.batch import batch_size, take_rows, to_device
 from ..inference.prompt_id import PromptID
 from ..inference.task_classifier import TaskClassifier
 from ..methods.base import ContinualMethod
 from .config import CLASSES_PER_TASK, GRADIENT_RULES, RunConfig
-from .loaders import make_loader, progress_bar
+from .distributed import Ranks, whole_batches
+from .loaders import progress_bar
 from .results import Tallies
 from .scenario import ClassIncrementalScenario
 
@@ -144,24 +146,35 @@ def _task_logits(method: ContinualMethod, x, tidx: Tensor, tasks: list[str]) -> 
 
 
 def evaluate_after_task(method: ContinualMethod, pid: TaskModel, scenario: ClassIncrementalScenario,
-                        test_set, cfg: RunConfig, t: int, tallies: Tallies) -> None:
-    """Fill row ``t`` of the tallies: accuracy under both heads (and task-id counts) on every seen task."""
+                        test_set, cfg: RunConfig, t: int, tallies: Tallies, ranks: Ranks | None = None) -> None:
+    """Fill row ``t`` of the tallies: accuracy under both heads (and task-id counts) on every seen task.
+
+    On several processes (``ranks``) rank r scores test batches r, r+W, ... whole (batch-grouped
+    task inference sees the batches a one-process run sees) and the counts are summed over ranks."""
+    ranks = ranks or Ranks()
     device = torch.device(cfg.device)
     method.clf.eval()
     tasks = [scenario.task_name(j) for j in range(t + 1)]
     seen = torch.tensor(scenario.seen_classes(t), device=device)
+    heads = list(tallies.A)
     for j in range(t + 1):
-        correct = {head: 0 for head in tallies.A}
-        total = 0
-        loader = make_loader(scenario.subset(test_set, j), cfg.eval_batch_size, False, 0)
-        for x, y in progress_bar(loader, cfg.progress, desc=f"eval after task {t + 1}: task {j + 1}"):
+        correct = {head: 0 for head in heads}
+        total = tid_correct = tid_total = 0
+        subset = scenario.subset(test_set, j)
+        loader = DataLoader(subset, batch_sampler=whole_batches(len(subset), cfg.eval_batch_size, ranks), num_workers=0)
+        for x, y in progress_bar(loader, cfg.progress and ranks.is_main, desc=f"eval after task {t + 1}: task {j + 1}"):
             x, y = to_device(x, device), y.to(device)
             pred = predict(method, pid, scenario, cfg, x, j, tasks, seen)
             for head in correct:
                 correct[head] += int((getattr(pred, head) == y).sum())
             total += int(y.numel())
             if pred.task_index is not None:
-                tallies.tid_correct[t, j] += int((pred.task_index.cpu() == j).sum())
-                tallies.tid_total[t, j] += int(y.numel())
+                tid_correct += int((pred.task_index.cpu() == j).sum())
+                tid_total += int(y.numel())
+        if ranks.distributed:
+            *counts, total, tid_correct, tid_total = (int(v) for v in ranks.sum([*correct.values(), total, tid_correct, tid_total]))
+            correct = dict(zip(heads, counts))
+        tallies.tid_correct[t, j] += tid_correct
+        tallies.tid_total[t, j] += tid_total
         for head, c in correct.items():
             tallies.A[head][t, j] = 100.0 * c / max(total, 1)

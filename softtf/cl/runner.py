@@ -16,12 +16,14 @@ with the same configuration resumes after the last finished task (:mod:`softtf.c
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ..core.batch import to_device
 from ..core.files import restore_tensor
@@ -32,6 +34,7 @@ from ..methods.base import ContinualMethod
 from .classifier import ContinualClassifier
 from .config import PROMPT_MODES, TASK_ID_INFO, RunConfig, task_id_label
 from .data import LabelledData
+from .distributed import Ranks, TrainStep, batch_shares, current_ranks, data_parallel
 from .evaluate import classifier_features, evaluate_after_task
 from .loaders import make_loader, progress_bar
 from .results import RunResult, Tallies, json_safe
@@ -58,8 +61,10 @@ class ContinualRun:
     used: ``pid``, ``tii``) and the tallies."""
 
     def __init__(self, backbone: nn.Module, data: LabelledData, cfg: RunConfig,
-                 scenario: ClassIncrementalScenario, directory: RunDirectory | None, extra_info: dict | None):
+                 scenario: ClassIncrementalScenario, directory: RunDirectory | None, extra_info: dict | None,
+                 ranks: Ranks | None = None):
         self.data, self.cfg, self.scenario, self.directory = data, cfg, scenario, directory
+        self.ranks = ranks or current_ranks()
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.clf = ContinualClassifier(backbone, data.num_classes)
@@ -91,7 +96,9 @@ class ContinualRun:
         """Claim the run directory and restore the last finished task; returns the next task."""
         if self.directory is None:
             return 0
-        self.directory.claim(self.run_info)
+        if self.ranks.is_main:
+            self.directory.claim(self.run_info)
+        self.ranks.barrier()  # the other ranks read what rank 0 checked
         prog, ck = self.directory.progress(self.cfg.n_tasks, self.tallies.matrix_names())
         if prog is None:
             return 0
@@ -103,8 +110,10 @@ class ContinualRun:
         return done
 
     def train_task(self, t: int) -> tuple[float, float | None]:
-        """Train task ``t``; returns its seconds and its final loss (mean of the last 10 steps)."""
-        cfg, clf, pid = self.cfg, self.clf, self.pid
+        """Train task ``t``; returns its seconds and its final loss (mean of the last 10 steps).
+        On several processes each rank trains on its share of every batch under DDP
+        (:mod:`softtf.cl.distributed`); the losses are the global batches'."""
+        cfg, clf, pid, ranks = self.cfg, self.clf, self.pid, self.ranks
         t0 = time.perf_counter()
         name = self.scenario.task_name(t)
         torch.manual_seed(cfg.seed * 1000 + t)
@@ -114,23 +123,36 @@ class ContinualRun:
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         outside = torch.ones(self.data.num_classes, dtype=torch.bool, device=self.device)
         outside[torch.tensor(self.scenario.task_classes[t], device=self.device)] = False
+
+        def step(x, y, weight: float) -> Tensor:
+            loss = self.method.loss(self.method.forward(x).masked_fill(outside, float("-inf")), y)
+            if pid is not None:
+                loss = loss + pid.pull_loss(pid.query(clf, x, classifier_features, self.method.pretrained), name)
+            return loss if weight == 1.0 else loss * weight
+
+        model = data_parallel(TrainStep(params, step), ranks, self.method.may_skip_parameters)
         train_set = self.scenario.subset(self.data.train, t)
         clf.train()
         losses = []
         for ep in range(cfg.epochs):
-            loader = make_loader(train_set, cfg.batch_size, True, cfg.seed * 1000 + t * 100 + ep)
+            seed = cfg.seed * 1000 + t * 100 + ep
+            if ranks.distributed:
+                shares = batch_shares(len(train_set), cfg.batch_size, seed, ranks)
+                batches = zip(DataLoader(train_set, batch_sampler=[i for i, _ in shares]), (w for _, w in shares))
+            else:
+                batches = ((batch, 1.0) for batch in make_loader(train_set, cfg.batch_size, True, seed))
             desc = f"{cfg.method} task {t + 1}/{cfg.n_tasks} epoch {ep + 1}/{cfg.epochs}"
-            for x, y in progress_bar(loader, cfg.progress, desc=desc):
+            for (x, y), weight in progress_bar(batches, cfg.progress and ranks.is_main, desc=desc,
+                                               total=math.ceil(len(train_set) / cfg.batch_size)):
                 x, y = to_device(x, self.device), y.to(self.device)
-                loss = self.method.loss(self.method.forward(x).masked_fill(outside, float("-inf")), y)
-                if pid is not None:
-                    loss = loss + pid.pull_loss(pid.query(clf, x, classifier_features, self.method.pretrained), name)
+                loss = model(x, y, weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(loss.detach()) / ranks.world)  # summed over ranks below: the global batch's loss
+        losses = ranks.sum(losses).tolist() if ranks.distributed else losses
         self.method.end_task(t, name)
         if pid is not None:
             pid.freeze_key(name)
@@ -142,12 +164,12 @@ class ContinualRun:
         """Evaluate every seen task after task ``t``; returns the seconds it took."""
         t1 = time.perf_counter()
         task_model = self.pid if self.tii is None else self.tii
-        evaluate_after_task(self.method, task_model, self.scenario, self.data.test, self.cfg, t, self.tallies)
+        evaluate_after_task(self.method, task_model, self.scenario, self.data.test, self.cfg, t, self.tallies, self.ranks)
         return time.perf_counter() - t1
 
     def checkpoint(self, t: int) -> None:
-        """Save the state after task ``t`` and the progress so far (atomically)."""
-        if self.directory is None:
+        """Save the state after task ``t`` and the progress so far (atomically; rank 0 only)."""
+        if self.directory is None or not self.ranks.is_main:
             return
         extra = {"head.weight": self.clf.head.weight, "head.bias": self.clf.head.bias}
         if self.pid is not None:
@@ -165,7 +187,7 @@ class ContinualRun:
             "protocol": cfg.protocol, "n_tasks": cfg.n_tasks,
         }
         record = self.tallies.record(cfg.head, labels, self.run_info)
-        if self.directory is not None:
+        if self.directory is not None and self.ranks.is_main:
             title = f"{cfg.method} / task-id {task_id_label(cfg.task_id)} / protocol {cfg.protocol}"
             self.directory.write_results(record, self.tallies.A, cfg.head, title)
         return RunResult(record, self.method, self.clf)
@@ -192,12 +214,15 @@ def run_continual(
     output_dir: str | os.PathLike | None = None,
     scenario: ClassIncrementalScenario | None = None,
     extra_info: dict | None = None,
+    ranks: Ranks | None = None,
 ) -> RunResult:
     """Train ``cfg.method`` over the tasks of ``data`` and evaluate after every task.
 
     ``backbone`` is modified in place (wrapped / adapted). With ``output_dir``, results, plots and
     per-task checkpoints go there, and an existing run with the same configuration resumes after
-    its last finished task. Returns a :class:`RunResult`: ``result.record`` (also written to
+    its last finished task. In a torch.distributed process group (torchrun, ``softtf train --nproc``)
+    every rank calls this with the same arguments: each trains on its share of every batch under
+    DDP and evaluates its share of the test batches; rank 0 alone writes. Returns a :class:`RunResult`: ``result.record`` (also written to
     ``results.json``; ``result["acc"]`` reads it), ``result.method`` and ``result.classifier``.
     """
     if not isinstance(cfg, RunConfig):
@@ -211,7 +236,7 @@ def run_continual(
             f"config/data say {cfg.n_tasks} tasks over {data.num_classes} classes"
         )
     directory = None if output_dir is None else RunDirectory(output_dir, RunConfig.RESUME_FREE)
-    run = ContinualRun(backbone, data, cfg, scenario, directory, extra_info)
+    run = ContinualRun(backbone, data, cfg, scenario, directory, extra_info, ranks)
     for t in range(run.resume(), cfg.n_tasks):
         train_s, final_loss = run.train_task(t)
         eval_s = run.evaluate(t)

@@ -57,6 +57,9 @@ class ContinualMethod:
     name: ClassVar[str] = ""
     task_id_modes: ClassVar[tuple[str, ...]] = ()  # task inference the method supports
     default_task_id: ClassVar[str] = "prompt"
+    # Some trainable parameters may get no gradient in a training step (a prompt pool's unselected
+    # prompts): data-parallel training must then look for them (DDP's find_unused_parameters).
+    may_skip_parameters: ClassVar[bool] = False
 
     def __init__(self, classifier: nn.Module, options: MethodOptions):
         self.clf, self.options = classifier, options

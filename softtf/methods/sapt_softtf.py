@@ -34,6 +34,8 @@ __all__ = ["SAPTSoftTFMethod"]
 @register
 class SAPTSoftTFMethod(SAPTMethod):
     name = "sapt-softtf"
+    # on the first task one mask runs alone (_mix adds nothing), so the router gets no gradient
+    may_skip_parameters = True
 
     # ---------------------------------------------------------------- the PET blocks: Soft-TF masks
     def install_blocks(self) -> None:

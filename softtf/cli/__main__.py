@@ -1,0 +1,6 @@
+"""``python -m softtf.cli``: the ``softtf`` command (how ``--nproc`` starts its workers)."""
+import sys
+
+from . import main
+
+sys.exit(main())
