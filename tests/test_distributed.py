@@ -6,7 +6,9 @@
   (within float tolerance: the gradient sums run in another order);
 * killing one worker mid-task stops the other; the same command then resumes after the last
   finished task and ends with the uninterrupted run's results;
-* every registered method trains under DDP, and both ranks end with the same parameters.
+* every registered method trains under DDP, and both ranks end with the same parameters; with the
+  frozen blocks sharded by FSDP2 (half of each frozen weight per rank) every method gives the DDP
+  run's matrices.
 """
 import json
 import os
@@ -117,7 +119,7 @@ def test_a_killed_worker_stops_the_run_and_the_command_resumes(one_and_two, tmp_
         assert results(out)[key] == results(root / "two")[key], key
 
 
-def test_every_method_trains_under_ddp(tmp_path):
+def test_every_method_trains_under_ddp_and_fsdp(tmp_path):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path)],
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
@@ -128,16 +130,27 @@ def test_every_method_trains_under_ddp(tmp_path):
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     from softtf.methods import method_names
 
-    assert sorted(rank0) == sorted(method_names())
-    for method, rec in rank0.items():
+    assert sorted(rank0) == sorted(f"{m}/{mode}" for m in method_names() for mode in ("ddp", "fsdp"))
+    for key, rec in rank0.items():
+        method, mode = key.split("/")
         assert rec["world"] == 2
-        assert rec["fingerprint"] == rank1[method]["fingerprint"], f"{method}: the ranks' parameters differ"
-        assert rec["accuracy_matrix"] == rank1[method]["accuracy_matrix"], method
+        assert rec["accuracy_matrix"] == rank1[key]["accuracy_matrix"], key
         assert 0 <= rec["acc"] <= 100
+        if mode == "ddp":
+            assert rec["fingerprint"] == rank1[key]["fingerprint"], f"{key}: the ranks' parameters differ"
+            assert rec["sharded"] == 0
+        else:
+            # the blocks' frozen weights are split in two; the run is the DDP run's
+            assert rec["sharded"] > 0 and rec["frozen_sharded"] and rec["local_share"] == pytest.approx(0.5, abs=0.01), key
+            ddp = rank0[f"{method}/ddp"]
+            assert rec["accuracy_matrix"] == ddp["accuracy_matrix"] and rec["task_id_matrix"] == ddp["task_id_matrix"], key
 
 
 def test_nproc_errors(tmp_path, capsys, monkeypatch):
     base = ["train", "--model", "vit", "--data", "digits", "--output", str(tmp_path / "r"), "--no-progress", "--epochs", "0"]
+    with pytest.raises(SystemExit):
+        main([*base, "--fsdp", "--depth", "2", "--img-size", "16", "--patch-size", "4"])
+    assert "fsdp: sharding needs several processes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--nproc", "2", "--device", "cuda:0"])
     assert "pass --device cuda, each process takes cuda:LOCAL_RANK" in capsys.readouterr().err

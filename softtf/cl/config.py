@@ -144,6 +144,8 @@ class RunConfig:
     soft_config: dict | None = None  # SoftConfig.to_dict(); None: architecture defaults
     device: str = "cpu"
     progress: bool = True
+    # several processes: shard the backbone's frozen blocks with FSDP2 (softtf.cl.distributed.shard_frozen_blocks)
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in method_names():
@@ -228,7 +230,7 @@ class RunConfig:
 
     # fields that may change between a run and its resumption (the transfer metrics only read the
     # accuracy matrix: re-running a finished run with a reference rewrites results.json with FWT)
-    RESUME_FREE = ("progress", "device", "reference_acc", "transfer_metrics")
+    RESUME_FREE = ("progress", "device", "reference_acc", "transfer_metrics", "fsdp")
 
 
 def _check_device(device: str) -> None:

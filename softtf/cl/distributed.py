@@ -25,11 +25,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .loaders import SeededOrder
 
-__all__ = ["Ranks", "current_ranks", "init_from_env", "batch_shares", "whole_batches", "TrainStep", "data_parallel", "ENV_KEYS"]
+__all__ = ["Ranks", "current_ranks", "init_from_env", "batch_shares", "whole_batches", "TrainStep", "data_parallel", "shard_frozen_blocks", "ENV_KEYS"]
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun (or --nproc) sets
 
@@ -142,3 +144,42 @@ def data_parallel(step: TrainStep, ranks: Ranks, find_unused_parameters: bool = 
     cuda = ranks.device.startswith("cuda")
     return DistributedDataParallel(step, device_ids=[ranks.local_rank] if cuda else None,
                                    find_unused_parameters=find_unused_parameters)
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost runs of repeated blocks: children of a ``Sequential`` / ``ModuleList`` that are
+    at least two of one class (a ViT's ``blocks``, BERT's ``encoder.layer``)."""
+    found: list[nn.Module] = []
+    taken: set[int] = set()
+    for _, module in model.named_modules():
+        if id(module) in taken or not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            continue
+        children = list(module.children())
+        if len(children) >= 2 and len({type(c) for c in children}) == 1:
+            found.extend(children)
+            taken.update(id(m) for c in children for m in c.modules())
+    return found
+
+
+def shard_frozen_blocks(model: nn.Module, ranks: Ranks) -> int:
+    """FSDP2 (``fully_shard``) over each repeated block of ``model``: the blocks' frozen weights are
+    sharded across the ranks and gathered for each block's forward and backward, so the softtf
+    ops run on whole local tensors, as in one process. Parameters that train now are left out
+    (``ignored_params``), and those a method adds later (a task's mask) are not FSDP's: DDP
+    reduces them. Returns the number of blocks sharded.
+
+    Why gathered tensors rather than DTensor sharding rules for the ops: a masked linear needs
+    ``W ⊙ M`` of whole rows and columns, FSDP gathers the block's weights anyway, and the op's
+    kernels, checks and float64 oracle stay the ones every other run uses."""
+    if not ranks.distributed:
+        raise ValueError("fsdp: sharding needs several processes (softtf train --nproc N, or torchrun)")
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"fsdp: found no repeated blocks to shard in {type(model).__name__}")
+    mesh = init_device_mesh("cuda" if ranks.device.startswith("cuda") else "cpu", (ranks.world,))
+    for block in blocks:
+        training = {p for p in block.parameters() if p.requires_grad}
+        # each block is its own FSDP root (no root above it), and a root keeps its weights gathered after
+        # forward unless told otherwise
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=training or None)
+    return len(blocks)

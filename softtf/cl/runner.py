@@ -34,7 +34,7 @@ from ..methods.base import ContinualMethod
 from .classifier import ContinualClassifier
 from .config import PROMPT_MODES, TASK_ID_INFO, RunConfig, task_id_label
 from .data import LabelledData
-from .distributed import Ranks, TrainStep, batch_shares, current_ranks, data_parallel
+from .distributed import Ranks, TrainStep, batch_shares, current_ranks, data_parallel, shard_frozen_blocks
 from .evaluate import classifier_features, evaluate_after_task
 from .loaders import make_loader, progress_bar
 from .results import RunResult, Tallies, json_safe
@@ -77,6 +77,8 @@ class ContinualRun:
                 self.pid.add_key(scenario.task_name(t), trainable=False)
         self.tii = make_task_classifier(cfg, self.clf.feature_dim, data.num_classes) if cfg.task_id == "classifier" else None
         self.clf.to(self.device)
+        if cfg.fsdp:  # after the method adapted the backbone: what trains now stays whole
+            shard_frozen_blocks(self.clf.backbone, self.ranks)
         for part in (self.pid, self.tii):
             if part is not None:
                 part.to(self.device)
@@ -164,7 +166,9 @@ class ContinualRun:
         """Evaluate every seen task after task ``t``; returns the seconds it took."""
         t1 = time.perf_counter()
         task_model = self.pid if self.tii is None else self.tii
-        evaluate_after_task(self.method, task_model, self.scenario, self.data.test, self.cfg, t, self.tallies, self.ranks)
+        # FSDP gathers weights collectively, so every rank must run the same forwards: each scores every batch
+        ranks = Ranks() if self.cfg.fsdp else self.ranks
+        evaluate_after_task(self.method, task_model, self.scenario, self.data.test, self.cfg, t, self.tallies, ranks)
         return time.perf_counter() - t1
 
     def checkpoint(self, t: int) -> None:

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=_positive_int, default=1,
                    help="data-parallel worker processes on this machine (DDP; gloo on cpu, nccl on cuda); "
                         "under torchrun leave it out: RANK / WORLD_SIZE come from the environment")
+    t.add_argument("--fsdp", action="store_true",
+                   help="with several processes: shard the backbone's frozen blocks across them with FSDP2 "
+                        "(for backbones too large for one device; same results as DDP alone)")
     t.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
 
     b = sub.add_parser("bench", help="throughput and peak memory of Soft-TF against LoRA, Adapters and eager (softtf.bench)")

@@ -289,5 +289,5 @@ def run_config(args, seed: int) -> RunConfig:
         tii_lr=args.tii_lr, tii_ca_lr=args.tii_ca_lr, tii_samples_per_class=args.tii_samples_per_class,
         tii_covariance=args.tii_covariance, sapt_r=args.sapt_r, sapt_alpha=args.sapt_alpha, sapt_kl_ratio=args.sapt_kl_ratio,
         sapt_replay_size=args.sapt_replay_size, reference_acc=_reference_acc(args), transfer_metrics=args.transfer_metrics,
-        soft_config=soft_config, device=args.device, progress=not args.no_progress, **options,
+        soft_config=soft_config, device=args.device, progress=not args.no_progress, fsdp=args.fsdp, **options,
     )
