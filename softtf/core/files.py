@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from typing import Any, Callable
 
 import torch
@@ -11,12 +12,40 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_write", "write_json", "save_tensors", "load_tensors", "restore_tensor"]
+__all__ = ["atomic_write", "write_json", "save_tensors", "load_tensors", "restore_tensor", "current_umask", "new_file_mode"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows: Linux (>= 4.7) shows it
+    in ``/proc/self/status`` ("Umask:"), a read that no other thread can disturb. Elsewhere it is
+    read by ``os.umask`` set-and-restore under a lock (other threads creating files in that instant
+    could see umask 0o077, never a looser mode)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
+def new_file_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` gives a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, ``os.replace`` it over
-    ``path``, then fsync the directory so the rename itself survives a crash."""
+    ``path``, then fsync the directory so the rename itself survives a crash.
+
+    The file gets the mode a plain ``open(path, "w")`` would give a new file, ``0o666 & ~umask``
+    (``tempfile.mkstemp`` creates it 0o600, readable by its owner alone)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -25,6 +54,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())  # after write(): a writer may have replaced the temp file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
