@@ -143,6 +143,7 @@ def test_bad_output_and_device_are_one_line_errors(tmp_path, capsys, monkeypatch
 
 def test_corrupt_progress_json_names_the_file(tmp_path, capsys):
     assert main(base_args(tmp_path, *TINY)) == 0
+    capsys.readouterr()  # the run's own lines (where it wrote its results)
     progress = tmp_path / "run" / "progress.json"
     for text in ("{}", progress.read_text()[:25], '{"finished_tasks": 7}', '{"finished_tasks": "2"}'):
         progress.write_text(text)

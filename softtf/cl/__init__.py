@@ -17,6 +17,7 @@ from .data import (
 )
 from .plots import plot_accuracy_curve, plot_accuracy_matrix
 from .results import RunResult
+from .reevaluate import evaluate_saved
 from .runner import ContinualRun, run_continual
 from .scenario import ClassIncrementalScenario, TaskPerDatasetScenario
 from .text_data import text_task_files
@@ -25,6 +26,6 @@ __all__ = [
     "ArrayImageDataset", "ClassIncrementalScenario", "ContinualClassifier", "ContinualRun", "GRADIENT_RULES",
     "ImageFileDataset", "LabelledData", "RunConfig", "RunResult", "TASK_ID_MODES", "TaskPerDatasetScenario",
     "TensorDataset", "load_cifar100", "load_csv_text", "load_data", "load_digits", "load_image_folder",
-    "load_text_tasks", "metrics", "plot_accuracy_curve", "plot_accuracy_matrix", "pretrain", "run_continual",
+    "evaluate_saved", "load_text_tasks", "metrics", "plot_accuracy_curve", "plot_accuracy_matrix", "pretrain", "run_continual",
     "text_task_files",
 ]

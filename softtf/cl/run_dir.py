@@ -31,6 +31,16 @@ class RunDirectory:
     def checkpoint(self, t: int) -> str:
         return os.path.join(self.checkpoints, f"task_{t:03d}.safetensors")
 
+    def read_config(self) -> dict | None:
+        """The ``run_config.json`` record (None when the directory holds no run)."""
+        path = self.file("run_config.json")
+        if not os.path.isfile(path):
+            return None
+        record = _read_json(path)
+        if not isinstance(record, dict):
+            raise ValueError(f"{path!r} holds a {type(record).__name__}, expected a JSON object")
+        return record
+
     def claim(self, run_info: dict) -> None:
         """Write ``run_config.json``, or check that the one there describes the same run."""
         path = self.file("run_config.json")

@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ class ContinualRun:
                  ranks: Ranks | None = None):
         self.data, self.cfg, self.scenario, self.directory = data, cfg, scenario, directory
         self.ranks = ranks or current_ranks()
+        self.resumed_from: str | None = None  # the checkpoint resume() restored, if any
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.clf = ContinualClassifier(backbone, data.num_classes)
@@ -105,11 +107,16 @@ class ContinualRun:
         if prog is None:
             return 0
         done = prog["finished_tasks"]
-        tasks = [self.scenario.task_name(t) for t in range(done)]
-        extras = self.method.load(ck, tasks)
-        self._restore_extras(extras, tasks, ck)
+        self.restore(ck, done - 1)
         self.tallies.restore(prog)
+        self.resumed_from = ck
         return done
+
+    def restore(self, path: str, t: int) -> None:
+        """Load the checkpoint ``path`` saved after task ``t``: the method's state, head, keys, classifier."""
+        tasks = [self.scenario.task_name(j) for j in range(t + 1)]
+        extras = self.method.load(path, tasks)
+        self._restore_extras(extras, tasks, path)
 
     def train_task(self, t: int) -> tuple[float, float | None]:
         """Train task ``t``; returns its seconds and its final loss (mean of the last 10 steps).
@@ -219,12 +226,14 @@ def run_continual(
     scenario: ClassIncrementalScenario | None = None,
     extra_info: dict | None = None,
     ranks: Ranks | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train ``cfg.method`` over the tasks of ``data`` and evaluate after every task.
 
     ``backbone`` is modified in place (wrapped / adapted). With ``output_dir``, results, plots and
     per-task checkpoints go there, and an existing run with the same configuration resumes after
-    its last finished task. In a torch.distributed process group (torchrun, ``softtf train --nproc``)
+    its last finished task (``log``, when given, receives a line saying so). In a
+    torch.distributed process group (torchrun, ``softtf train --nproc``)
     every rank calls this with the same arguments: each trains on its share of every batch under
     DDP and evaluates its share of the test batches; rank 0 alone writes. Returns a :class:`RunResult`: ``result.record`` (also written to
     ``results.json``; ``result["acc"]`` reads it), ``result.method`` and ``result.classifier``.
@@ -241,7 +250,11 @@ def run_continual(
         )
     directory = None if output_dir is None else RunDirectory(output_dir, RunConfig.RESUME_FREE)
     run = ContinualRun(backbone, data, cfg, scenario, directory, extra_info, ranks)
-    for t in range(run.resume(), cfg.n_tasks):
+    start = run.resume()
+    if run.resumed_from is not None and log is not None:
+        rest = f"continuing with task {start + 1}" if start < cfg.n_tasks else "nothing left to train"
+        log(f"resumed from {run.resumed_from}: {start} of {cfg.n_tasks} tasks finished, {rest}")
+    for t in range(start, cfg.n_tasks):
         train_s, final_loss = run.train_task(t)
         eval_s = run.evaluate(t)
         run.tallies.timings.append({"task": t, "train_s": train_s, "eval_s": eval_s, "final_loss": final_loss})

@@ -1,9 +1,10 @@
-"""The ``softtf`` command line: ``softtf train ...`` and ``softtf bench ...``.
+"""The ``softtf`` command line: ``softtf train ...``, ``softtf eval ...`` and ``softtf bench ...``.
 
     softtf train --model vit --data digits --tasks 5 --method softtf --task-id prompt --output runs/d
     softtf train ... --protocol official --seeds 0 1 2 --output runs/official
     softtf train --model bert --pretrained /path/to/bert --data csv:/data/agnews --tasks 2 ...
     softtf train --model bert --pretrained /path/to/bert --data textdir:/data/text5 [--task-order agnews yelp ...]
+    softtf eval --run runs/d <the train flags> --task-id gradient-sample --output runs/d-gradient
     softtf bench [--quick] [--output DIR] ...   (softtf bench --help)
 
 ``train`` writes ``results.json``, ``accuracy_matrix.png`` and ``accuracy_curve.png`` (plus
@@ -43,12 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "eval"):
         try:
             return train(args, argv)
         except (CliError, ValueError, FileNotFoundError, TypeError) as exc:
             message = " ".join(str(exc).split())  # one line, whatever the exception held
-            parser.exit(2, f"softtf train: error: {message}\n")
+            parser.exit(2, f"softtf {args.command}: error: {message}\n")
     if args.command == "bench":
         return bench.run(bench.config_from_args(args))
     parser.error(f"unknown command {args.command!r}")

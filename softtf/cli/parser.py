@@ -9,7 +9,7 @@ from ..cl.config import (CLASSES_PER_TASK, HEAD_MODES, PROMPT_ACTIVATIONS, PROTO
 from ..methods import method_names
 from ..version import VERSION
 
-__all__ = ["build_parser"]
+__all__ = ["build_parser", "add_run_arguments"]
 
 
 def _number(parse, ok, expected: str):
@@ -54,6 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a class-incremental continual-learning experiment", formatter_class=_HelpFormatter)
+    add_run_arguments(t)
+    t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
+    ev = sub.add_parser("eval", formatter_class=_HelpFormatter,
+                        help="score a trained run's checkpoints with other evaluation settings (task inference, head, "
+                             "batch), without training",
+                        description="softtf eval --run DIR <the train command's flags> --task-id MODE --output NEW: "
+                                    "every task's checkpoint in DIR is scored as the run scored it; only the evaluation "
+                                    "flags may differ from the run's")
+    ev.add_argument("--run", required=True, metavar="DIR", help="the trained run's directory (its --output)")
+    add_run_arguments(ev)
+    ev.add_argument("--output", required=True, help="directory for the new results.json and plots (not DIR)")
+
+    b = sub.add_parser("bench", help="throughput and peak memory of Soft-TF against LoRA, Adapters and eager (softtf.bench)")
+    bench.add_arguments(b)
+    return p
+
+
+def add_run_arguments(t: argparse.ArgumentParser) -> None:
+    """The flags of ``softtf train`` (and of ``softtf eval``, which rebuilds the same run)."""
     t.add_argument("--model", choices=("vit", "bert"), required=True,
                    help="backbone: a timm ViT (random init or --pretrained) or a Hugging Face BERT (--pretrained DIR)")
     t.add_argument("--data", required=True, help="digits | cifar100:PATH | folder:PATH | csv:PATH | textdir:PATH (one CSV per task)")
@@ -70,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task-id", choices=TASK_ID_MODES, default=None,
                    help=f"task inference at test time (default: prompt; finetune, l2p, sapt, sapt-softtf: none; l2p --masks: prompt). "
                         f"{_TASK_ID_HELP}")
-    t.add_argument("--output", required=True, help="run directory (results, plots, checkpoints; resumable)")
     t.add_argument("--epochs", type=_nonneg_int, default=20, help="training epochs per task")
     t.add_argument("--batch-size", type=_positive_int, default=24, help="training batch size")
     t.add_argument("--lr", type=_positive_float, default=None, help="default 0.03*batch_size/256")
@@ -143,7 +161,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several processes: shard the backbone's frozen blocks across them with FSDP2 "
                         "(for backbones too large for one device; same results as DDP alone)")
     t.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
-
-    b = sub.add_parser("bench", help="throughput and peak memory of Soft-TF against LoRA, Adapters and eager (softtf.bench)")
-    bench.add_arguments(b)
-    return p

@@ -11,12 +11,13 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..cl import RunConfig, load_data, pretrain, run_continual, text_task_files
+from ..cl import RunConfig, evaluate_saved, load_data, pretrain, run_continual, text_task_files
 from ..cl.config import protocol_settings
 from ..cl.distributed import Ranks, init_from_env
 from ..cl.labelled import LabelledData, targets_of
@@ -105,7 +106,8 @@ def _build_vit(args, out_dir: str, data, seed: int, ranks: Ranks):
             ranks.barrier()
         else:
             ranks.barrier()
-            advice = "; delete it to pretrain again"
+            advice = ("; pass the flags the run was trained with" if args.command == "eval"
+                      else "; delete it to pretrain again")
             try:
                 state = load_tensors(path)
             except ValueError as exc:
@@ -137,6 +139,18 @@ def _task_count(args) -> int:
     return len(names)
 
 
+def _check_trained_run(args, trained: str) -> None:
+    """``softtf eval``: ``trained`` must be a run directory with the backbone its ViT was warmed up to."""
+    if not os.path.isdir(trained):
+        raise CliError(f"--run {trained!r} is not a run directory (the --output of a softtf train run)")
+    if os.path.abspath(trained) == os.path.abspath(args.output):
+        raise CliError("softtf eval: --output must differ from --run (the trained run stays as it is)")
+    warm = os.path.join(trained, "pretrained_backbone.safetensors")
+    if args.model == "vit" and args.pretrain_epochs and not os.path.isfile(warm):
+        raise CliError(f"--pretrain-epochs {args.pretrain_epochs}, but the run has no {warm!r} to start from; "
+                       "pass the flags the run was trained with")
+
+
 def _join(args) -> Ranks:
     """This process's place among the workers (one process: rank 0 of 1) and its torch threads."""
     world = os.environ.get("WORLD_SIZE", "1")
@@ -152,7 +166,7 @@ def _join(args) -> Ranks:
 
 
 def train(args, argv: list[str]) -> int:
-    """Run ``softtf train`` (``argv``: its flags, which ``--nproc`` workers are started with)."""
+    """Run ``softtf train`` or ``softtf eval`` (``argv``: the flags, which ``--nproc`` workers are started with)."""
     text = args.data.startswith(("csv:", "textdir:"))
     if args.model == "bert" and not text:
         raise CliError(f"--model bert needs text data (--data csv:PATH or textdir:PATH), got {args.data!r}")
@@ -165,6 +179,9 @@ def train(args, argv: list[str]) -> int:
         raise CliError(f"--seeds must be distinct, got {seeds}")
     if args.single_task_reference and args.reference_acc:
         raise CliError("--single-task-reference computes the reference accuracies; do not also pass --reference-acc")
+    evaluating = args.command == "eval"
+    if evaluating and args.single_task_reference:
+        raise CliError("softtf eval trains nothing: --single-task-reference is for softtf train (pass --reference-acc FILE)")
     if args.nproc > 1 and args.device.startswith("cuda:"):
         raise CliError(f"--nproc {args.nproc} with --device {args.device}: pass --device cuda, each process takes cuda:LOCAL_RANK")
     configs = {seed: run_config(args, seed) for seed in seeds}  # checks every flag (--device too) before any work
@@ -195,15 +212,24 @@ def train(args, argv: list[str]) -> int:
                          task_order=args.task_order)
         if args.single_task_reference:
             cfg = dataclasses.replace(cfg, reference_acc=_single_task_accuracies(args, cfg, data, output, seed, model, ranks))
+        trained = (args.run if args.seeds is None else seed_directory(args.run, seed)) if evaluating else output
+        if evaluating:
+            _check_trained_run(args, trained)
         if args.model == "vit":
-            run_model = _build_vit(args, output, data, seed, ranks)
+            run_model = _build_vit(args, trained, data, seed, ranks)
         else:  # a run adapts its backbone in place: each seed starts from the pretrained one
             run_model = copy.deepcopy(model) if len(configs) > 1 else model
         torch.manual_seed(seed)
-        res = run_continual(run_model, data, cfg, output_dir=output, extra_info={"cli": {"model": args.model, "data": args.data}})
+        info = {"cli": {"model": args.model, "data": args.data}}
+        note = (lambda line: print(f"softtf {args.command}: {line}", file=sys.stderr, flush=True)) if ranks.is_main else None
+        if evaluating:
+            res = evaluate_saved(run_model, data, cfg, trained, output_dir=output, extra_info=info)
+        else:
+            res = run_continual(run_model, data, cfg, output_dir=output, extra_info=info, log=note)
         records.append(res.record)
         if ranks.is_main:
             print(json.dumps({"seed": seed, **{k: res[k] for k in _SUMMARY}}, indent=2))
+            note(f"results in {os.path.join(output, 'results.json')} (plots beside it)")
     if args.seeds is not None and ranks.is_main:
         summary = write_summary(args.output, records, seeds)
         brief = {m: {k: summary["metrics"][m][k] for k in ("mean", "std")} for m in _SUMMARY if m in summary["metrics"]}
