@@ -106,15 +106,16 @@ def test_forgetting_standard_vs_official_four_tasks():
 
 def test_task_id_accuracy_per_sample_vs_per_task():
     # task 0: 10 of 10 right; task 1: 0 of 30 right
-    assert metrics.task_id_accuracy_per_task([10, 0], [10, 30]) == pytest.approx(0.5)
+    assert metrics.task_id_accuracy_per_task([10, 0], [10, 30]) == pytest.approx(50.0)  # percent, as A
     tallies = Tallies(2)
     tallies.tid_correct[1] = [10, 0]
     tallies.tid_total[1] = [10, 30]
     for head in tallies.A:
         tallies.A[head][:] = [[50.0, np.nan], [50.0, 50.0]]
     rec = tallies.record("full", {"method": "toy"}, {})
-    assert rec["task_id_accuracy"] == pytest.approx(10 / 40)  # per sample
-    assert rec["task_id_accuracy_per_task"] == pytest.approx(0.5)  # the official code's average
+    assert rec["task_id_accuracy"] == pytest.approx(100 * 10 / 40)  # per sample, in % like ACC
+    assert rec["task_id_accuracy_per_task"] == pytest.approx(50.0)  # the official code's average
+    assert rec["task_id_matrix"] == [[None, None], [100.0, 0.0]]
     assert set(rec["heads"]) == {"full", "task"} and "forgetting_official" in rec["metric_definitions"]
     with pytest.raises(ValueError, match="0 <= correct <= total"):
         metrics.task_id_accuracy_per_task([11], [10])

@@ -48,7 +48,7 @@ def test_summarize_json_ready():
 
 
 def test_task_id_accuracy():
-    assert metrics.task_id_accuracy([0, 1, 1, 2], [0, 1, 2, 2]) == 0.75
+    assert metrics.task_id_accuracy([0, 1, 1, 2], [0, 1, 2, 2]) == 75.0  # percent, the accuracy matrix's unit
     with pytest.raises(ValueError, match="predicted has 2 entries, true has 3"):
         metrics.task_id_accuracy([0, 1], [0, 1, 2])
     with pytest.raises(ValueError, match="no samples"):

@@ -220,7 +220,7 @@ def test_digits_run_with_the_classifier_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "full"
     res = run(out)
     assert res["task_id_mode"] == "classifier" and res["task_id_label"] == "classifier (per sample)"
-    assert res["task_id_accuracy"] > 0.6, res["task_id_matrix"]  # chance: 0.2
+    assert res["task_id_accuracy"] > 60.0, res["task_id_matrix"]  # percent; chance: 20
     final = load_tensors(out / "checkpoints" / "task_004.safetensors")
     state = {k: v for k, v in final.items() if k.startswith("extra::task_classifier.")}
     names = json.loads(bytes(state["extra::task_classifier.task_names"].tolist()))

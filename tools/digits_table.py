@@ -59,12 +59,13 @@ def slug(label: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in label).split())
 
 
-def cell(stat: dict, scale: float = 1.0, digits: int = 1) -> str:
+def cell(stat: dict, digits: int = 1) -> str:
+    """``mean ± std`` of a summary.json metric, in its unit (percent for every accuracy)."""
     if stat["mean"] is None:
         return "–"
     if stat["std"] is None:
-        return f"{stat['mean'] * scale:.{digits}f}"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
 def run_row(output: str, flags: list[str], seeds: list[int], warm: dict[int, str]) -> dict:
@@ -97,7 +98,7 @@ def table(summaries: list[tuple[str, dict]], seeds: list[int]) -> str:
         task_acc = cell(heads["task"]["acc"]) if "task" in heads else "–"
         lines.append(
             f"| {label} | {how} | {cell(heads['full']['acc'])} | {task_acc} | {cell(heads['full']['forgetting'])} "
-            f"| {cell(heads['full']['forgetting_official'])} | {cell(s['metrics']['task_id_accuracy'], 100.0)} |"
+            f"| {cell(heads['full']['forgetting_official'])} | {cell(s['metrics']['task_id_accuracy'])} |"
         )
     lines.append("")
     lines.append(f"Mean ± sample std over seeds {seeds}; forgetting of the full head; task-id accuracy per sample, in %.")

@@ -11,8 +11,9 @@ writes tasks 1..n). Entries with ``j > i`` (tasks not seen yet) are ``NaN`` and 
   row (``j <= i <= t``), so each task's forgetting is clamped at 0;
 * BWT: ``mean_{j<n-1} (A[n-1, j] - A[j, j])``; undefined for a single task;
 * BWT over the first ``n-1`` tasks (the last task has nothing to transfer back to);
-* task-id accuracy: fraction of test samples whose inferred task equals their true task
-  (per sample), or the mean over tasks of each task's fraction (per task, the official code's).
+* task-id accuracy: the percentage (0..100, the accuracy matrix's unit) of test samples whose
+  inferred task equals their true task (per sample), or the mean over tasks of each task's
+  percentage (per task, the official code's).
 
 SAPT's names (Zhao et al. 2024; :func:`transfer_summary`): AP = final ACC; F.Ra = standard
 forgetting; FWT = ``mean_j (A[j, j] - R[j])`` against the accuracy ``R[j]`` of a single-task run
@@ -20,7 +21,8 @@ of task j; BWT as above. Its score.py instead subtracts a hard-coded 50.94 for F
 scores it loads are unused) and averages BWT over all T tasks, the last one's 0 included
 (``variant="official"``).
 
-All functions take accuracies in whatever unit the matrix uses (the runner uses percent).
+The functions over ``A`` take accuracies in whatever unit the matrix uses; the runner uses percent
+(0..100) for every accuracy it records, task-id accuracies included (:data:`UNITS`).
 """
 from __future__ import annotations
 
@@ -33,14 +35,20 @@ FORGETTING_VARIANTS = ("standard", "official")
 TRANSFER_VARIANTS = ("paper", "official")
 OFFICIAL_FWT_CONSTANT = 50.94  # what circle-hit/SAPT score.py subtracts from the mean diagonal
 
+UNITS = "percent (0..100): acc, every accuracy matrix and curve, task_id_accuracy, task_id_accuracy_per_task, task_id_matrix"
+
 # What each metric of a summary means (written into results.json beside the numbers).
 DEFINITIONS = {
+    "units": UNITS,
+    "accuracy_matrix": "A[i][j]: accuracy (%) on task j's test set after training task i (None: task j not seen yet)",
     "acc": "mean_{j<=T-1} A[T-1, j]: average accuracy over all tasks after the last one (%)",
     "forgetting": "mean_{j<T-1} (max_{j<=i<T-1} A[i, j] - A[T-1, j]): max over earlier rows (METHOD.md; can be < 0)",
     "forgetting_official": "mean_{j<T-1} (max_{j<=i<=T-1} A[i, j] - A[T-1, j]): max includes the current row, "
                            "each task clamped at 0 (the Soft-TF / L2P code)",
     "bwt": "mean_{j<T-1} (A[T-1, j] - A[j, j]): backward transfer over the first T-1 tasks",
-    "task_id_accuracy": "fraction of test samples (all tasks, after the last task) whose inferred task is right",
+    "task_id_accuracy": "% of test samples (all tasks, after the last task) whose inferred task is right",
+    "task_id_matrix": "T[i][j]: % of task j's test samples whose inferred task is right after training task i "
+                      "(None: task j not seen yet)",
     "sapt.AP": "SAPT's average performance: the final ACC, mean_{j<=T-1} A[T-1, j]",
     "sapt.F.Ra": "SAPT's forgetting rate: mean_{j<T-1} (max_{j<=i<T-1} A[i, j] - A[T-1, j]) (= forgetting)",
     "sapt.FWT": "forward transfer: mean_{j<=T-1} (A[j, j] - R[j]), R[j] = accuracy of a single-task run of task j "
@@ -48,7 +56,7 @@ DEFINITIONS = {
     "sapt.BWT": "backward transfer: mean_{j<T-1} (A[T-1, j] - A[j, j]) (= bwt)",
     "sapt.FWT (official)": "circle-hit/SAPT score.py: mean_{j<=T-1} A[j, j] - 50.94 (a hard-coded constant)",
     "sapt.BWT (official)": "circle-hit/SAPT score.py: mean_{j<=T-1} (A[T-1, j] - A[j, j]), the last task's 0 included",
-    "task_id_accuracy_per_task": "mean over tasks of each task's fraction of right task inferences, after the last "
+    "task_id_accuracy_per_task": "mean over tasks of each task's % of right task inferences, after the last "
                                  "task (the official code's average)",
 }
 
@@ -67,6 +75,7 @@ __all__ = [
     "TRANSFER_VARIANTS",
     "FORGETTING_VARIANTS",
     "DEFINITIONS",
+    "UNITS",
 ]
 
 
@@ -158,17 +167,17 @@ def transfer_summary(A, reference: Sequence[float] | None = None, variant: str =
 
 
 def task_id_accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:
-    """Fraction (0..1) of samples whose inferred task equals the true task."""
+    """Percentage (0..100) of samples whose inferred task equals the true task."""
     p, y = np.asarray(predicted).reshape(-1), np.asarray(true).reshape(-1)
     if p.shape != y.shape:
         raise ValueError(f"task_id_accuracy: predicted has {p.size} entries, true has {y.size}")
     if p.size == 0:
         raise ValueError("task_id_accuracy: no samples")
-    return float(np.mean(p == y))
+    return float(100.0 * np.count_nonzero(p == y) / p.size)
 
 
 def task_id_accuracy_per_task(correct: Sequence[float], total: Sequence[float]) -> float:
-    """Mean over tasks of ``correct[j] / total[j]`` (tasks with no samples are skipped)."""
+    """Mean over tasks of ``100 * correct[j] / total[j]``, in percent (tasks with no samples are skipped)."""
     c, n = np.asarray(correct, dtype=np.float64).reshape(-1), np.asarray(total, dtype=np.float64).reshape(-1)
     if c.shape != n.shape:
         raise ValueError(f"task_id_accuracy_per_task: correct has {c.size} entries, total has {n.size}")
@@ -177,7 +186,7 @@ def task_id_accuracy_per_task(correct: Sequence[float], total: Sequence[float]) 
     has = n > 0
     if not has.any():
         raise ValueError("task_id_accuracy_per_task: no samples")
-    return float(np.mean(c[has] / n[has]))
+    return float(np.mean(100.0 * c[has] / n[has]))
 
 
 def _none_if_nan(x: float) -> float | None:

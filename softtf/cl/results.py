@@ -67,7 +67,8 @@ class Tallies:
 
     def record(self, head: str, labels: dict, run_info: dict) -> dict:
         """The ``results.json`` record: ``labels`` (method, modes), the summary of ``head``, every
-        head's summary under ``heads``, task-id accuracies, definitions, ``run_info``. Each summary
+        head's summary under ``heads``, task-id accuracies, definitions, ``run_info``. Every accuracy,
+        task-id accuracies included, is in percent (``metrics.UNITS``; the tallies hold counts). Each summary
         carries SAPT's AP / F.Ra / FWT / BWT under ``sapt`` (FWT against ``run_config.reference_acc``,
         the variant ``run_config.transfer_metrics``)."""
         cfg = run_info.get("run_config", {})
@@ -89,10 +90,10 @@ class Tallies:
         last_c, last_n = self.tid_correct[-1], self.tid_total[-1]
         if self.tid_total.sum() > 0:
             if last_n.sum() > 0:
-                out["task_id_accuracy"] = float(last_c.sum() / last_n.sum())
+                out["task_id_accuracy"] = float(100.0 * last_c.sum() / last_n.sum())
                 out["task_id_accuracy_per_task"] = metrics.task_id_accuracy_per_task(last_c, last_n)
             with np.errstate(invalid="ignore", divide="ignore"):
-                mat = np.where(self.tid_total > 0, self.tid_correct / np.maximum(self.tid_total, 1), np.nan)
+                mat = np.where(self.tid_total > 0, 100.0 * self.tid_correct / np.maximum(self.tid_total, 1), np.nan)
             out["task_id_matrix"] = json_safe(mat.tolist())
         return json_safe(out)
 

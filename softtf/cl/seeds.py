@@ -3,7 +3,8 @@
 ``softtf train --seeds 0 1 2 --output DIR`` runs the experiment into ``DIR/seed-0``, ``DIR/seed-1``,
 ... (each resumable on its own) and writes ``DIR/summary.json`` from their ``results.json`` with
 :func:`aggregate`: for every scalar metric, of the summary head and of each head, the per-seed
-values, their mean and their sample standard deviation (ddof = 1; None for a single seed).
+values, their mean and their sample standard deviation (ddof = 1; None for a single seed), in the
+records' units (percent for every accuracy, task-id accuracies included: ``units``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import numpy as np
 
 from ..core.files import write_json
+from .metrics import UNITS
 
 __all__ = ["SCALAR_METRICS", "LABELS", "seed_directory", "aggregate", "write_summary"]
 
@@ -59,6 +61,7 @@ def aggregate(records: list[dict], seeds: list[int]) -> dict:
         **{k: first.get(k) for k in LABELS},
         "seeds": list(seeds),
         "std_definition": "sample standard deviation over seeds (ddof=1); None with one seed",
+        "units": UNITS,
         "metrics": {m: _stats([rec.get(m) for rec in records]) for m in SCALAR_METRICS},
         "sapt": _transfer_stats(records),
         "heads": {
