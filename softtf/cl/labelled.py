@@ -7,6 +7,7 @@ The sources themselves live in :mod:`softtf.cl.data` (images, ``load_data``) and
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,19 @@ class LabelledData:
     kind: str
     info: dict = field(default_factory=dict)
     tasks: list[tuple[str, list[int]]] | None = None
+
+    @property
+    def display_name(self) -> str:
+        """A short name for titles (the plots'): ``info["source"]`` with a path cut to its last part
+        (``sklearn digits``, ``cifar100:cifar-100-python``, ``folder:imagenet-r``, ``textdir:text5``),
+        else the kind and the class count (``image data, 10 classes``)."""
+        source = self.info.get("source") if isinstance(self.info, dict) else None
+        if not isinstance(source, str) or not source.strip():
+            return f"{self.kind} data, {self.num_classes} classes"
+        scheme, sep, path = source.partition(":")
+        if sep and path and scheme.isidentifier():
+            return f"{scheme}:{os.path.basename(os.path.normpath(path)) or path}"
+        return source
 
 
 def targets_of(ds: Dataset) -> np.ndarray:

@@ -199,7 +199,7 @@ class ContinualRun:
         }
         record = self.tallies.record(cfg.head, labels, self.run_info)
         if self.directory is not None and self.ranks.is_main:
-            title = f"{cfg.method} / task-id {task_id_label(cfg.task_id)} / protocol {cfg.protocol}"
+            title = f"{self.data.display_name} ({cfg.n_tasks} tasks) / {cfg.method} / task-id {task_id_label(cfg.task_id)} / protocol {cfg.protocol}"
             self.directory.write_results(record, self.tallies.A, cfg.head, title)
         return RunResult(record, self.method, self.clf)
 
