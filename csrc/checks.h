@@ -27,11 +27,15 @@ struct KernelTarget {
   c10::DeviceType device;
   bool float64;
   const char* float_names;  // those dtypes, as the error messages list them
+  bool int8_masks;          // reads int8 masks (softtf_kernels/quant.py: codes, then fp32 scale and offset per row)
 };
 inline constexpr KernelTarget kCpuKernels{c10::DeviceType::CPU, true,
-                                          "float32, bfloat16, float16 or float64"};
+                                          "float32, bfloat16, float16 or float64", true};
 inline constexpr KernelTarget kCudaKernels{c10::DeviceType::CUDA, false,
-                                           "float32, bfloat16 or float16 for the CUDA kernel"};
+                                           "float32, bfloat16 or float16 for the CUDA kernel", false};
+
+// An int8 mask row: `in` codes, then its fp32 scale and fp32 offset (value = offset + scale * code).
+inline constexpr int64_t kQMaskTail = 8;
 
 inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
@@ -79,23 +83,43 @@ inline void check_batched(const char* op, const char* name, const at::Tensor& t,
   TORCH_CHECK(t.dim() >= 2, op, ": ", name, " must have shape [B, ..., ", feat, "], got ", t.sizes());
 }
 
+// A mask's dtype: float (as the kernels' float dtypes) or int8 where the kernels read int8 masks.
+inline void check_mask_dtype(const char* op, const char* name, at::ScalarType t, const KernelTarget& k) {
+  if (t == at::kChar) {
+    TORCH_CHECK(k.int8_masks, op, ": ", name, " is an int8 (quantized) mask, which the ",
+                c10::DeviceTypeName(k.device), " kernels of this build do not read; "
+                "use backend 'reference', or keep this task's masks in float (SoftConfig.mask_dtype)");
+    return;
+  }
+  check_float(op, name, t, k);
+}
+
+inline int64_t mask_cols(const at::Tensor& mask, const at::Tensor& weight) {
+  return weight.size(1) + (mask.scalar_type() == at::kChar ? kQMaskTail : 0);
+}
+
 inline void check_mask(const char* op, const at::Tensor& mask, const at::Tensor& weight,
                        const KernelTarget& k) {
   check_device(op, "mask", mask, weight, k);
-  TORCH_CHECK(mask.sizes() == weight.sizes(), op, ": mask must have weight's shape ",
-              weight.sizes(), ", got ", mask.sizes());
-  check_float(op, "mask", mask.scalar_type(), k);
+  check_mask_dtype(op, "mask", mask.scalar_type(), k);
+  const bool fits = mask.dim() == 2 && mask.size(0) == weight.size(0) && mask.size(1) == mask_cols(mask, weight);
+  if (mask.scalar_type() == at::kChar) {
+    TORCH_CHECK(fits, op, ": mask must have [out, in + 8] = [", weight.size(0), ", ", mask_cols(mask, weight),
+                "] (an int8 mask: in + 8 columns), got ", mask.sizes());
+  } else {
+    TORCH_CHECK(fits, op, ": mask must have weight's shape ", weight.sizes(), ", got ", mask.sizes());
+  }
 }
 
 inline void check_masks(const char* op, const at::Tensor& masks, const at::Tensor& weight,
                         const KernelTarget& k) {
   check_device(op, "masks", masks, weight, k);
-  TORCH_CHECK(masks.dim() == 3 && masks.size(1) == weight.size(0) && masks.size(2) == weight.size(1),
-              op, ": masks must have shape [T, ", weight.size(0), ", ", weight.size(1), "], got ",
+  check_mask_dtype(op, "masks", masks.scalar_type(), k);
+  TORCH_CHECK(masks.dim() == 3 && masks.size(1) == weight.size(0) && masks.size(2) == mask_cols(masks, weight),
+              op, ": masks must have shape [T, ", weight.size(0), ", ", mask_cols(masks, weight), "], got ",
               masks.sizes());
   TORCH_CHECK(masks.size(0) > 0, op, ": masks must hold at least one task, got shape ",
               masks.sizes());
-  check_float(op, "masks", masks.scalar_type(), k);
 }
 
 inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,

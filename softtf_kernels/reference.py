@@ -1,7 +1,8 @@
 """Pure-PyTorch reference of every softtf op: the oracle for the kernels and their fallback.
 
 Signatures match ``torch.ops.softtf.<op>`` exactly. These functions favour clarity over speed
-and may materialize ``W * M`` in full; the kernels must not. Low-precision inputs accumulate in
+and may materialize ``W * M`` in full (and dequantize an int8 mask in full, in float64 for float64
+inputs); the kernels must not. Low-precision inputs accumulate in
 fp32 (``common.acc_dtype``), as in the kernels.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .common import acc_dtype, as_rows, as_samples, attention_scale, gate_activation
+from .quant import dequantize_mask
 from .table import ALL_NAMES
 
 __all__ = list(ALL_NAMES)  # one function per op of the table, each with the op's signature
@@ -18,7 +20,7 @@ __all__ = list(ALL_NAMES)  # one function per op of the table, each with the op'
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = x (W ⊙ M)^T + b, computed in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
     acc = acc_dtype(x.dtype)
-    w = weight.to(acc) * mask.to(acc)
+    w = weight.to(acc) * dequantize_mask(mask, acc)
     y = torch.nn.functional.linear(x.to(acc), w, None if bias is None else bias.to(acc))
     return y.to(x.dtype)
 
@@ -26,7 +28,7 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
 def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
     """dx = dy (W ⊙ M), in grad_out's dtype."""
     acc = acc_dtype(grad_out.dtype)
-    w = weight.to(acc) * mask.to(acc)
+    w = weight.to(acc) * dequantize_mask(mask, acc)
     return (grad_out.to(acc) @ w).to(grad_out.dtype)
 
 
@@ -47,7 +49,7 @@ def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor
     """
     acc = acc_dtype(x.dtype)
     t = masks.shape[0]
-    wm = weight.to(acc).unsqueeze(0) * masks.to(acc)  # [T, out, in]
+    wm = weight.to(acc).unsqueeze(0) * dequantize_mask(masks, acc)  # [T, out, in]
     if per_sample:
         dy = as_samples(grad_out).to(acc)
         xx = as_samples(x).to(acc)
@@ -64,7 +66,7 @@ def mixed_task_linear(
 ) -> Tensor:
     """y_b = x_b (W ⊙ M_{task_ids[b]})^T + b for every sample b of x [B, ..., in]."""
     acc = acc_dtype(x.dtype)
-    wm = weight.to(acc).unsqueeze(0) * masks.to(acc)[task_ids.long()]  # [B, out, in]
+    wm = weight.to(acc).unsqueeze(0) * dequantize_mask(masks, acc)[task_ids.long()]  # [B, out, in]
     xx = as_samples(x).to(acc)
     y = xx @ wm.transpose(1, 2)
     if bias is not None:
@@ -75,7 +77,7 @@ def mixed_task_linear(
 def mixed_task_linear_grad_input(grad_out: Tensor, weight: Tensor, masks: Tensor, task_ids: Tensor) -> Tensor:
     """dx_b = dy_b (W ⊙ M_{task_ids[b]})."""
     acc = acc_dtype(grad_out.dtype)
-    wm = weight.to(acc).unsqueeze(0) * masks.to(acc)[task_ids.long()]
+    wm = weight.to(acc).unsqueeze(0) * dequantize_mask(masks, acc)[task_ids.long()]
     dy = as_samples(grad_out).to(acc)
     return (dy @ wm).reshape(*grad_out.shape[:-1], weight.shape[1]).to(grad_out.dtype)
 

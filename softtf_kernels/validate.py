@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .common import GATES, acc_dtype
+from .quant import QMASK_DTYPE, QMASK_TAIL
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -48,17 +49,33 @@ def _activation(op: str, name: str, t: Tensor, feat: int, weight: Tensor, what: 
         raise TypeError(f"{op}: {name} dtype {t.dtype} must equal weight dtype {weight.dtype}")
 
 
+def _mask_dtype(op: str, name: str, t: Tensor) -> None:
+    """A mask is float (any of FLOAT_DTYPES) or int8 (softtf_kernels.quant's row-quantized layout)."""
+    if isinstance(t, Tensor) and t.dtype == QMASK_DTYPE:
+        return
+    if isinstance(t, Tensor) and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16, float64 or int8 (a quantized mask), got {t.dtype}")
+    _float(op, name, t)
+
+
+def _mask_cols(weight: Tensor, mask: Tensor) -> int:
+    return weight.shape[1] + (QMASK_TAIL if mask.dtype == QMASK_DTYPE else 0)
+
+
 def _mask(op: str, name: str, mask: Tensor, weight: Tensor) -> None:
-    _float(op, name, mask)
-    if tuple(mask.shape) != tuple(weight.shape):
-        raise ValueError(f"{op}: {name} must have weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    _mask_dtype(op, name, mask)
+    want = (weight.shape[0], _mask_cols(weight, mask))
+    if tuple(mask.shape) != want:
+        what = f"[out, in + {QMASK_TAIL}] = {list(want)} (an int8 mask)" if mask.dtype == QMASK_DTYPE else f"weight's shape {want}"
+        raise ValueError(f"{op}: {name} must have {what}, got {tuple(mask.shape)}")
 
 
 def _masks(op: str, masks: Tensor, weight: Tensor) -> int:
-    _float(op, "masks", masks)
-    if masks.dim() != 3 or tuple(masks.shape[1:]) != tuple(weight.shape):
+    _mask_dtype(op, "masks", masks)
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != (weight.shape[0], _mask_cols(weight, masks)):
+        tail = f" + {QMASK_TAIL}] (int8 masks)" if masks.dtype == QMASK_DTYPE else "]"
         raise ValueError(
-            f"{op}: masks must have shape [T, {weight.shape[0]}, {weight.shape[1]}], got {tuple(masks.shape)}"
+            f"{op}: masks must have shape [T, {weight.shape[0]}, {weight.shape[1]}{tail}, got {tuple(masks.shape)}"
         )
     if masks.shape[0] == 0:
         raise ValueError(f"{op}: masks must hold at least one task, got shape {tuple(masks.shape)}")

@@ -209,7 +209,7 @@ def test_bad_inputs_raise_clear_errors(gen, backend):
         op(x, w, m, rand((5,), torch.float32, gen))
     with pytest.raises(TypeError, match=r"bias dtype torch.float64 must equal x dtype torch.float32"):
         op(x, w, m, b.double())
-    with pytest.raises(TypeError, match=r"mask must be float32, bfloat16, float16 or float64, got torch.int64"):
+    with pytest.raises(TypeError, match=r"mask must be float32, bfloat16, float16, float64 or int8 \(a quantized mask\), got torch.int64"):
         op(x, w, m.long(), b)
     with pytest.raises(ValueError, match=r"weight must be 2-D"):
         op(x, w.reshape(4, 8, 1), m, b)

@@ -37,4 +37,19 @@ inline at::Tensor as_2d(const at::Tensor& t) {
   return t2;
 }
 
+inline bool is_qmask(const at::Tensor& mask) { return mask.scalar_type() == at::kChar; }
+
+// Rows [o0, o0 + n) along `row_dim` of a mask [out, in(+8)] or a stack [T, out, in(+8)]: a float
+// mask's slice as it is (the callers multiply or convert it), an int8 mask's rows dequantized
+// (offset + scale * code, in `acc`) into a panel-sized tensor. No whole mask is dequantized.
+inline at::Tensor mask_rows(const at::Tensor& mask, int64_t row_dim, int64_t o0, int64_t n, int64_t in_f,
+                            at::ScalarType acc) {
+  auto rows = mask.narrow(row_dim, o0, n);
+  if (!is_qmask(mask)) return rows;
+  const int64_t last = mask.dim() - 1;
+  auto codes = rows.narrow(last, 0, in_f).to(acc);
+  auto scale_offset = rows.narrow(last, in_f, kQMaskTail).contiguous().view(at::kFloat).to(acc);
+  return codes.mul_(scale_offset.narrow(last, 0, 1)).add_(scale_offset.narrow(last, 1, 1));
+}
+
 }  // namespace softtf::cpu

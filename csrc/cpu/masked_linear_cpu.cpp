@@ -8,6 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -70,9 +72,18 @@ void masked_linear_few_tokens(const at::Tensor& xf, const at::Tensor& weight,
       const int64_t o0 = blk * kRowBlock, rows = std::min(kRowBlock, out_f - o0);
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* wr = wp + (o0 + r) * in_f;
-        const mask_t* mr = mp + (o0 + r) * in_f;
         float* dst = wm.data() + r * in_f;
-        for (int64_t i = 0; i < in_f; ++i) dst[i] = static_cast<float>(wr[i]) * static_cast<float>(mr[i]);
+        if constexpr (std::is_same_v<mask_t, int8_t>) {  // codes, then the row's fp32 scale and offset
+          const int8_t* mr = mp + (o0 + r) * (in_f + kQMaskTail);
+          float scale, offset;
+          std::memcpy(&scale, mr + in_f, sizeof(float));
+          std::memcpy(&offset, mr + in_f + sizeof(float), sizeof(float));
+          for (int64_t i = 0; i < in_f; ++i)
+            dst[i] = static_cast<float>(wr[i]) * (static_cast<float>(mr[i]) * scale + offset);
+        } else {
+          const mask_t* mr = mp + (o0 + r) * in_f;
+          for (int64_t i = 0; i < in_f; ++i) dst[i] = static_cast<float>(wr[i]) * static_cast<float>(mr[i]);
+        }
       }
       small_dots(xp, tokens, wm.data(), rows, in_f, acc.data());
       for (int64_t r = 0; r < rows; ++r) {
@@ -102,14 +113,14 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
         AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES([&] {
           using w_t = scalar_t;
           AT_DISPATCH_SWITCH(mask.scalar_type(), "mask",
-              AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, [&] {
+              AT_DISPATCH_CASE_FLOATING_TYPES_AND3(at::kBFloat16, at::kHalf, at::kChar, [&] {
                 masked_linear_few_tokens<w_t, scalar_t>(xf, weight, mask, bias, y2);
               }));
         })
         AT_DISPATCH_CASE(at::kFloat, [&] {
           using w_t = scalar_t;
           AT_DISPATCH_SWITCH(mask.scalar_type(), "mask",
-              AT_DISPATCH_CASE_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, [&] {
+              AT_DISPATCH_CASE_FLOATING_TYPES_AND3(at::kBFloat16, at::kHalf, at::kChar, [&] {
                 masked_linear_few_tokens<w_t, scalar_t>(xf, weight, mask, bias, y2);
               }));
         }));
@@ -138,7 +149,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   auto one_panel = [&](at::Tensor& panel, int64_t o0, int64_t n) {
     auto wm = panel.narrow(0, 0, n);
     wm.copy_(weight.narrow(0, o0, n));
-    wm.mul_(mask.narrow(0, o0, n));
+    wm.mul_(mask_rows(mask, 0, o0, n, in_f, acc));
     auto ys = ya.narrow(1, o0, n);
     if (ba.defined()) {
       at::addmm_out(ys, ba.narrow(0, o0, n), xa, wm.t());
@@ -178,7 +189,7 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
     const int64_t n = std::min(p, out_f - o0);
     auto wm = panel.narrow(0, 0, n);
     wm.copy_(weight.narrow(0, o0, n));
-    wm.mul_(mask.narrow(0, o0, n));
+    wm.mul_(mask_rows(mask, 0, o0, n, in_f, acc));
     if (o0 == 0) {
       at::mm_out(dxa, dya.narrow(1, 0, n), wm);
     } else {

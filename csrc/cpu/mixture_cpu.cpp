@@ -59,7 +59,7 @@ at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
     auto hp = h.narrow(1, 0, n);
     at::bmm_out(hp, dy3.narrow(2, o0, n).transpose(1, 2), x3);
     hp.mul_(w.narrow(0, o0, n));
-    auto mp = masks.narrow(1, o0, n).to(acc).reshape({n_tasks, n * in_f});
+    auto mp = mask_rows(masks, 1, o0, n, in_f, acc).to(acc).reshape({n_tasks, n * in_f});
     scores.addmm_(hp.reshape({batch, n * in_f}), mp.t());
   }
   return per_sample ? scores : scores.view({n_tasks});
