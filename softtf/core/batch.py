@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["batch_size", "call_model", "take_rows", "device_of", "to_device"]
+__all__ = ["batch_size", "call_batch_size", "call_model", "take_rows", "device_of", "to_device"]
 
 
 def call_model(model: Callable[..., Any], inputs: Any) -> Any:
@@ -56,3 +56,16 @@ def to_device(inputs: Any, device) -> Any:
     if isinstance(inputs, Mapping):
         return {k: v.to(device) for k, v in inputs.items()}
     return inputs.to(device)
+
+
+def call_batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model call: dim 0 of its first tensor argument (or of a tensor in a
+    mapping: Hugging Face inputs); None if there is none."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, Mapping):
+            for v in value.values():
+                if isinstance(v, Tensor) and v.dim() > 0:
+                    return int(v.shape[0])
+    return None

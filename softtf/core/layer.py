@@ -8,14 +8,13 @@ buffer ``frozen_masks`` [T, out, in] stored in ``mask_dtype`` (bf16/fp16 halve t
 
 Serving several tasks concurrently: select the task per call with ``with use_task(name):`` (a
 context variable, private to each thread and asyncio task) rather than ``set_task`` (shared state
-of the layer). Structural changes (add, freeze, delete, load) hold the layer's lock, and forward
-takes its snapshot of the selection and mask references under the same lock (not the compute),
-so a forward sees the layer wholly before or wholly after a concurrent change.
+of the layer). Forward takes its snapshot of the selection and mask references under the layer's
+lock and counts itself in flight until it returns (:mod:`softtf.core.serving`); structural changes
+(add, freeze, delete, load) hold the lock and are refused while another thread's call is in flight.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -24,6 +23,9 @@ from torch import Tensor, nn
 from softtf_kernels import ops
 from softtf_kernels.ops import superposed_linear
 
+from .linear import LinearWrapper
+from .modes import MaskSwitch, preserve_modes
+from .serving import ServingGuard, exclusive
 from .tasks import (MASK_DTYPES, TASK_NAME, MaskInit, ModeState, SampleTasks, current_sample_tasks, current_task, init_mask,
                     train_dtype, use_task, use_tasks)
 
@@ -31,34 +33,6 @@ __all__ = [
     "LinearWrapper", "SoftLinear", "MaskInit", "ModeState", "MaskSwitch", "MASK_DTYPES", "TASK_NAME", "current_task",
     "init_mask", "preserve_modes", "soft_layers", "superposed_linear", "train_dtype", "use_task", "use_tasks",
 ]
-
-
-class LinearWrapper(nn.Module):
-    """A module built around a frozen ``nn.Linear`` (``base_layer``), PEFT-style: the shape and
-    parameters of the wrapped layer read through."""
-
-    def __init__(self, base_layer: nn.Linear):
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{type(self).__name__}: base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        base_layer.requires_grad_(False)
-        self.base_layer = base_layer
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
 
 class SoftLinear(LinearWrapper):
@@ -70,8 +44,8 @@ class SoftLinear(LinearWrapper):
 
     NaN and Inf in the inputs or in a mask are not checked: they propagate through the forward as
     in the reference ``x @ (W * M).T + b`` (task inference refuses them: see ``gradient_id``).
-    Threads: choose the task per call with :func:`use_task`; add/freeze/delete/load may run while
-    other threads call forward (each forward sees the layer before or after the change).
+    Threads: choose the task per call with :func:`use_task`; add/freeze/delete/load raise
+    ``RuntimeError`` while another thread's forward call is in flight (:mod:`softtf.core.serving`).
     """
 
     def __init__(self, base_layer: nn.Linear, mask_dtype: torch.dtype | None = None):
@@ -89,16 +63,30 @@ class SoftLinear(LinearWrapper):
         self._order: list[str] = []  # every task, in the order added
         # What the next forward computes; replaced whole (never mutated) so a snapshot stays valid.
         self._state = ModeState("single", None)
-        self._lock = threading.RLock()  # held by structural changes and by forward's snapshot
-
-    def __getstate__(self) -> dict:  # pickle / deepcopy: a lock cannot be copied, a new one is made
-        state = super().__getstate__()
-        state.pop("_lock", None)
-        return state
+        self._guard = ServingGuard()  # its lock: structural changes and forward's snapshot; calls in flight
+        self._owners: tuple[ServingGuard, ...] = ()  # the guard of the SoftModel serving through this layer
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._lock = threading.RLock()
+        if "_guard" not in self.__dict__:  # pickled by an older softtf (no guard then)
+            self._guard, self._owners = ServingGuard(), ()
+
+    @property
+    def _lock(self):  # copies and pickles get a fresh guard (ServingGuard.__reduce__), hence a fresh lock
+        return self._guard.lock
+
+    @property
+    def serving_guard(self) -> ServingGuard:
+        """The layer's lock and forward calls in flight (:mod:`softtf.core.serving`)."""
+        return self._guard
+
+    def serve_under(self, guard: ServingGuard | None) -> None:
+        """Refuse changes of this layer alone while calls are in flight under ``guard`` too (the
+        guard of the model that holds the layer; ``None``: no model)."""
+        self._owners = () if guard is None else (guard,)
+
+    def _structural(self, operation: str):
+        return exclusive([*self._owners, self._guard], f"SoftLinear.{operation}")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -136,7 +124,7 @@ class SoftLinear(LinearWrapper):
             raise ValueError(f"SoftLinear: task name must match [A-Za-z0-9_-]+, got {name!r}")
         w = self.weight
         mask = init_mask(w.shape, init, train_dtype(w.dtype), w.device, generator)
-        with self._lock:
+        with self._structural(f"add_task({name!r})"):
             if name in self._order:
                 raise ValueError(f"SoftLinear: task {name!r} already exists")
             self.masks[name] = nn.Parameter(mask)
@@ -168,7 +156,7 @@ class SoftLinear(LinearWrapper):
 
     def freeze_task(self, name: str) -> None:
         """Move a trained mask into the frozen store (in ``mask_dtype``); it never trains again."""
-        with self._lock:
+        with self._structural(f"freeze_task({name!r})"):
             self._check_known(name)
             if name in self._frozen:
                 raise ValueError(f"SoftLinear: task {name!r} is already frozen")
@@ -178,7 +166,7 @@ class SoftLinear(LinearWrapper):
             self._frozen.append(name)
 
     def delete_task(self, name: str) -> None:
-        with self._lock:
+        with self._structural(f"delete_task({name!r})"):
             self._check_known(name)
             if name in self._frozen:
                 i = self._frozen.index(name)
@@ -222,7 +210,7 @@ class SoftLinear(LinearWrapper):
         select = active if active is not None else (names[-1] if names else None)
 
         def commit() -> None:
-            with self._lock:
+            with self._structural(f"stage_tasks commit of {names}"):
                 if self._order != order or self._frozen != old_frozen:
                     raise RuntimeError("SoftLinear.stage_tasks: the layer's tasks changed since staging; stage again")
                 for n, p in params.items():
@@ -329,7 +317,19 @@ class SoftLinear(LinearWrapper):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        state, mask, refs = self._snapshot()
+        if torch.compiler.is_compiling():  # traced: the layer's own selection, no lock, nothing counted (graph break)
+            return self._run(x, *self._select(self._state.active_task))
+        with self._lock:  # a structural change lands wholly before this snapshot, or is refused until the call ends
+            snapshot = self._select(current_task() or self._state.active_task, current_sample_tasks())
+            self._guard.enter()
+        try:
+            return self._run(x, *snapshot)
+        finally:
+            self._guard.leave()
+
+    def _run(self, x: Tensor, state: ModeState, mask: Tensor | None, refs: Tensor | list[Tensor] | None) -> Tensor:
+        """The forward of a snapshot: (selection, mask of single-task mode, masks of a mixture);
+        the mask is the :func:`use_task` task's if one is set, both are None when the base layer runs."""
         if mask is None and refs is None:
             return self.base_layer(x)
         if refs is None:
@@ -344,14 +344,6 @@ class SoftLinear(LinearWrapper):
                 )
             return ops.mixed_task_linear(x, self.weight, masks, ids, self.bias)
         return superposed_linear(x, self.weight, masks, state.alpha, self.bias)
-
-    def _snapshot(self) -> tuple[ModeState, Tensor | None, Tensor | list[Tensor] | None]:
-        """(selection, mask of single-task mode, masks of a mixture), read together; the mask is
-        the :func:`use_task` task's if one is set, and both are None when the base layer runs."""
-        if torch.compiler.is_compiling():  # traced: the layer's own selection, no lock (graph break)
-            return self._select(self._state.active_task)
-        with self._lock:  # a concurrent add/freeze/delete lands wholly before or after this
-            return self._select(current_task() or self._state.active_task, current_sample_tasks())
 
     def _select(self, task: str | None, sample_tasks: SampleTasks | None = None
                 ) -> tuple[ModeState, Tensor | None, Tensor | list[Tensor] | None]:
@@ -377,14 +369,14 @@ class SoftLinear(LinearWrapper):
         }
 
     def set_extra_state(self, state: dict) -> None:
-        with self._lock:
+        with self._structural("load_state_dict"):
             self._order = list(state["tasks"])
             self._frozen = list(state["frozen"])
             self._state = ModeState(state["mode"], state["active_task"])
             self.mask_dtype = getattr(torch, state["mask_dtype"])
 
     def _load_from_state_dict(self, *args) -> None:
-        with self._lock:  # load_state_dict is a structural change too
+        with self._structural("load_state_dict"):
             self._load_tasks_from_state_dict(*args)
 
     def _load_tasks_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -415,34 +407,3 @@ class SoftLinear(LinearWrapper):
 def soft_layers(model: nn.Module) -> dict[str, SoftLinear]:
     """Every ``SoftLinear`` in ``model``, by dotted name, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, SoftLinear)}
-
-
-@contextlib.contextmanager
-def preserve_modes(layers: Sequence[SoftLinear]) -> Iterator[None]:
-    """Restore every layer's selection on exit, whatever the block set in between."""
-    layers = list(layers)
-    saved = [layer.mode_state() for layer in layers]
-    try:
-        yield
-    finally:
-        for layer, state in zip(layers, saved):
-            layer.restore_mode(state)
-
-
-class MaskSwitch:
-    """Disables the masks of ``layers`` on creation, like ``torch.set_grad_enabled``: called bare
-    it stays in force (until ``enable_masks``); used as a context manager it restores each layer's
-    previous selection on exit."""
-
-    def __init__(self, layers: Sequence[SoftLinear]):
-        self._layers = list(layers)
-        self._saved = [layer.mode_state() for layer in self._layers]
-        for layer in self._layers:
-            layer.disable_masks()
-
-    def __enter__(self) -> "MaskSwitch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for layer, state in zip(self._layers, self._saved):
-            layer.restore_mode(state)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -26,6 +26,7 @@ from torch import Tensor
 from .config import SoftConfig
 from .files import atomic_write
 from .layer import MASK_DTYPES, TASK_NAME, SoftLinear, train_dtype
+from .serving import ServingGuard, exclusive, refuse_if_serving
 
 __all__ = ["write_mask_file", "read_mask_file", "add_tasks_from_file", "FORMAT", "VERSION"]
 
@@ -147,7 +148,9 @@ def _check_metadata(info: dict, path: str) -> None:
 
 
 def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None, path: str | os.PathLike,
-                        check_extras: Callable[[dict[str, Tensor]], None] | None = None) -> dict[str, Tensor]:
+                        check_extras: Callable[[dict[str, Tensor]], None] | None = None,
+                        commit_extras: Callable[[], None] | None = None,
+                        guards: Sequence[ServingGuard] = ()) -> dict[str, Tensor]:
     """Add the tasks stored in ``path`` to ``layers`` (same layers, shapes and mask dtypes).
 
     All or nothing: every check runs before the model is touched (the metadata's fields and
@@ -157,8 +160,16 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
     then every layer's new state is built, and only then committed to all layers. Frozen tasks
     are frozen again in the saved order; the saved active task (else the last loaded task) is
     selected. ``check_extras(extras)``, if given, runs after the mask checks and before anything
-    changes (it raises to refuse the file). Returns the extra tensors (keys without ``"extra::"``).
+    changes (it raises to refuse the file); ``commit_extras()`` runs with the layers' commits.
+
+    While serving: the commits run under :func:`~softtf.core.serving.exclusive` over ``guards`` (the
+    owning model's) and every layer's, so the load is refused, before anything changes, while
+    another thread's forward call is in flight (checked before the file is read, and again at the
+    commit). Returns the extra tensors (keys without ``"extra::"``).
     """
+    all_guards = [*guards, *(layer.serving_guard for layer in layers.values())]
+    operation = f"load_masks({os.fspath(path)!r})"
+    refuse_if_serving(all_guards, operation)
     tensors, info = read_mask_file(path)
     path = os.fspath(path)
     file_layers, tasks, frozen = info["layers"], info["tasks"], info["frozen"]
@@ -204,8 +215,11 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
         layer.stage_tasks({t: tensors[f"{lname}{_SEP}{t}"] for t in tasks}, frozen, info["active_task"])
         for lname, layer in layers.items()
     ]
-    for commit in commits:
-        commit()
+    with exclusive(all_guards, operation):  # every layer checked, then every layer changed
+        for commit in commits:
+            commit()
+        if commit_extras is not None:
+            commit_extras()
     return extras
 
 

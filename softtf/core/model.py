@@ -13,48 +13,38 @@
     >>> # or: vit = model.merge_and_unload("task0")  # plain nn.Linear weights W ⊙ M_task0, for deployment
 
 Every lifecycle method applies to every ``SoftLinear`` of the model, so all layers always hold
-the same tasks in the same order.
+the same tasks in the same order. While other threads' calls into the model are in flight
+(``model(x)``, or a method of the wrapped model such as ``model.forward_features``), structural
+changes (add, freeze, delete, load, merge, unwrap) raise ``RuntimeError`` before changing anything
+(:mod:`softtf.core.serving`).
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
-import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .batch import call_batch_size
 from .config import SoftConfig, config_with, resolve_config
 from .layer import MaskSwitch, SoftLinear, soft_layers, use_task, use_tasks
 from .files import atomic_write
 from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
 from .merge import merge_layer
 from .optimizer_check import unwatch, watch
+from .saved_modules import SAVED_PREFIX, SavedModulesLoad
+from .serving import ServingGuard, counted, exclusive, refuse_if_serving
 
 __all__ = ["SAVED_PREFIX", "SoftModel", "wrap", "set_submodule", "save_masks", "load_masks", "load_soft_model",
            "layers_of"]
 
-# Extras under this prefix hold the state of the modules ``wrap`` keeps trainable besides the masks
-# (``SoftConfig.modules_to_save``: the classifier head by default), so a reload reproduces the model.
-SAVED_PREFIX = "modules_to_save/"
 # Library-level persistence of the wrapped model (Hugging Face, timm) never runs through a SoftModel.
 _NOT_PASSED_THROUGH = frozenset({"push_to_hub", "save_model", "save_checkpoint"})
 PRETRAINED_MASKS, PRETRAINED_CONFIG = "masks.safetensors", "softtf_config.json"
-
-
-def _batch_of(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a model call: dim 0 of its first tensor argument (or of a tensor in a
-    mapping: Hugging Face inputs); None if there is none."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-        if isinstance(value, dict):
-            for v in value.values():
-                if isinstance(v, Tensor) and v.dim() > 0:
-                    return int(v.shape[0])
-    return None
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -74,6 +64,7 @@ class SoftModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: SoftConfig | None = None):
         super().__init__()
+        self._guard = ServingGuard()  # calls in flight through this model (forward, the wrapped model's methods)
         if not isinstance(model, nn.Module):
             raise TypeError(f"wrap: model must be an nn.Module, got {type(model).__name__}")
         if isinstance(model, SoftModel):
@@ -87,6 +78,7 @@ class SoftModel(nn.Module):
         for n in names:
             base = model.get_submodule(n)
             set_submodule(model, n, SoftLinear(base, mask_dtype=resolved.mask_dtype))
+            model.get_submodule(n).serve_under(self._guard)
         modules = dict(model.named_modules())
         self._saved_modules = sorted(
             n for n in modules if n and any(n == h or n.endswith("." + h) for h in resolved.modules_to_save)
@@ -110,25 +102,42 @@ class SoftModel(nn.Module):
                 raise AttributeError(f"SoftModel.{name} is not supported: the wrapped model's {name} would persist "
                                      "its SoftLinear layers half-understood. Use save_pretrained(dir) / "
                                      "SoftModel.from_pretrained(base_model, dir), or save_masks / load_soft_model") from None
-            return getattr(self.model, name)
+            value = getattr(self.model, name)
+            if inspect.ismethod(value) and value.__self__ is self.model:  # forward_features, generate, ...
+                return counted(value, self._guard)  # a call into the model: in flight while it runs
+            return value
 
     def forward(self, *args, task_names: str | Sequence[str] | None = None, **kwargs):
         """Call the wrapped model. ``task_names``: the task of this call, one name for every sample
         or one per sample (PEFT's ``adapter_names``): chosen through :func:`use_tasks`, a
         per-call choice that no other thread sees, rather than by changing the layers."""
         self._check_live()
+        with self._guard.call():  # in flight until it returns: structural changes are refused meanwhile
+            return self._forward(args, kwargs, task_names)
+
+    def _forward(self, args: tuple, kwargs: dict, task_names: str | Sequence[str] | None):
         if task_names is None:
             return self.model(*args, **kwargs)
         names = [task_names] if isinstance(task_names, str) else list(task_names)
         unknown = sorted(set(names) - set(self.tasks))
         if unknown:
             raise ValueError(f"SoftModel: task_names has unknown tasks {unknown} (tasks: {self.tasks or 'none'})")
-        n = _batch_of(args, kwargs)
+        n = call_batch_size(args, kwargs)
         if len(names) > 1 and n is not None and len(names) != n:
             raise ValueError(f"SoftModel: task_names has {len(names)} names for a batch of {n} samples "
                              "(give one name per sample, or one name)")
         with use_tasks(names):
             return self.model(*args, **kwargs)
+
+    @property
+    def serving_guard(self) -> ServingGuard:
+        """The model's lock and its calls in flight (``serving_guard.in_flight()``: other threads')."""
+        return self._guard
+
+    def _exclusive(self, operation: str):
+        """Hold the model's lock and every layer's; refuse if another thread's call is in flight."""
+        layers = [] if self._unwrapped else self._layers()
+        return exclusive([self._guard, *(layer.serving_guard for layer in layers)], f"SoftModel.{operation}")
 
     def _check_live(self) -> None:
         if self._unwrapped:
@@ -174,15 +183,16 @@ class SoftModel(nn.Module):
         """
         self._check_live()
         init = self.soft_config.mask_init if init is None else SoftConfig(mask_init=init).mask_init
-        if name in self.tasks:
-            raise ValueError(f"SoftModel.add_task: task {name!r} already exists (tasks: {self.tasks})")
-        layers = self._layers()
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=layers[0].weight.device)
-            gen.manual_seed(int(seed))
-        for layer in layers:
-            layer.add_task(name, init=init, generator=gen)
+        with self._exclusive(f"add_task({name!r})"):
+            if name in self.tasks:
+                raise ValueError(f"SoftModel.add_task: task {name!r} already exists (tasks: {self.tasks})")
+            layers = self._layers()
+            gen = None
+            if seed is not None:
+                gen = torch.Generator(device=layers[0].weight.device)
+                gen.manual_seed(int(seed))
+            for layer in layers:
+                layer.add_task(name, init=init, generator=gen)
 
     def set_task(self, name: str, train: bool | None = None) -> None:
         """Select ``name`` in every layer (single-task mode); its masks train unless it is frozen."""
@@ -194,18 +204,20 @@ class SoftModel(nn.Module):
     def freeze_task(self, name: str) -> None:
         """Freeze ``name`` in every layer: its masks move into the frozen store and never train again."""
         self._check_live()
-        self._check_task(name, "freeze_task")
-        if name in self.frozen_tasks:
-            raise ValueError(f"SoftModel.freeze_task: task {name!r} is already frozen")
-        for layer in self._layers():
-            layer.freeze_task(name)
+        with self._exclusive(f"freeze_task({name!r})"):
+            self._check_task(name, "freeze_task")
+            if name in self.frozen_tasks:
+                raise ValueError(f"SoftModel.freeze_task: task {name!r} is already frozen")
+            for layer in self._layers():
+                layer.freeze_task(name)
 
     def delete_task(self, name: str) -> None:
         """Remove ``name`` from every layer."""
         self._check_live()
-        self._check_task(name, "delete_task")
-        for layer in self._layers():
-            layer.delete_task(name)
+        with self._exclusive(f"delete_task({name!r})"):
+            self._check_task(name, "delete_task")
+            for layer in self._layers():
+                layer.delete_task(name)
 
     def use_task(self, name: str):
         """``with model.use_task("t0"): y = model(x)``: task ``t0`` for the calls made in this
@@ -294,29 +306,15 @@ class SoftModel(nn.Module):
         ``modules_to_save``; returns the caller's extra tensors stored with them. Everything is
         checked before anything changes."""
         self._check_live()
-        own = self.saved_module_state()
-        saved: dict[str, Tensor] = {}
+        load = SavedModulesLoad(self.saved_module_state(), self._saved_modules, path)
+        extras = add_tasks_from_file(self.soft_layers, self.soft_config, path, check_extras=load.check,
+                                     commit_extras=load.commit, guards=[self._guard])
+        return load.callers_extras(extras)
 
-        def check(extras: dict[str, Tensor]) -> None:
-            saved.update({k[len(SAVED_PREFIX):]: v for k, v in extras.items() if k.startswith(SAVED_PREFIX)})
-            if saved:
-                missing, unknown = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-                if missing or unknown:
-                    raise ValueError(f"load_masks: {os.fspath(path)!r} saved modules_to_save state that does not match "
-                                     f"this model's (missing {missing[:4]}, unknown {unknown[:4]})")
-                for k, v in saved.items():
-                    if v.shape != own[k].shape or v.dtype != own[k].dtype:
-                        raise ValueError(f"load_masks: {k} in {os.fspath(path)!r} is {v.dtype} {tuple(v.shape)}, the "
-                                         f"model's is {own[k].dtype} {tuple(own[k].shape)}")
-            elif own:
-                warnings.warn(f"load_masks: {os.fspath(path)!r} stores no modules_to_save state (saved by an older "
-                              f"softtf); {self._saved_modules} keep their current weights", stacklevel=3)
-
-        extras = add_tasks_from_file(self.soft_layers, self.soft_config, path, check_extras=check)
-        with torch.no_grad():
-            for k, v in saved.items():
-                own[k].copy_(v)
-        return {k: v for k, v in extras.items() if not k.startswith(SAVED_PREFIX)}
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """``nn.Module.load_state_dict``, refused while another thread's call is in flight."""
+        with self._exclusive("load_state_dict()"):
+            return super().load_state_dict(state_dict, *args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (PEFT's ``get_base_model``), its targeted layers being ``SoftLinear``."""
@@ -326,7 +324,8 @@ class SoftModel(nn.Module):
         """Put the original ``nn.Linear`` modules back, restore every parameter's original
         ``requires_grad`` and return the wrapped model. This SoftModel is unusable afterwards."""
         self._check_live()
-        return self._release({n: layer.base_layer for n, layer in self.soft_layers.items()})
+        with self._exclusive("unwrap()"):
+            return self._release({n: layer.base_layer for n, layer in self.soft_layers.items()})
 
     def merge_and_unload(self, task: str) -> nn.Module:
         """Bake ``task``'s masks into the weights and return the plain model, for deployment (PEFT's
@@ -336,11 +335,14 @@ class SoftModel(nn.Module):
         ``requires_grad`` is restored as by :meth:`unwrap`, and this SoftModel is unusable afterwards.
         An unknown ``task`` raises KeyError before anything changes."""
         self._check_live()
-        self._check_task(task, "merge_and_unload")
-        return self._release({n: merge_layer(layer, task) for n, layer in self.soft_layers.items()})
+        with self._exclusive(f"merge_and_unload({task!r})"):
+            self._check_task(task, "merge_and_unload")
+            return self._release({n: merge_layer(layer, task) for n, layer in self.soft_layers.items()})
 
     def _release(self, linears: dict[str, nn.Module]) -> nn.Module:
         unwatch(self)
+        for layer in self._layers():
+            layer.serve_under(None)
         for n, module in linears.items():
             set_submodule(self.model, n, module)
         for n, p in self.model.named_parameters():
