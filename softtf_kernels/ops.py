@@ -167,8 +167,8 @@ class _SuperposedLinear(torch.autograd.Function):
             mbar = torch.mv(masks.reshape(masks.shape[0], -1).t(), a).view(masks.shape[1:])
         else:
             mbar = torch.zeros(masks.shape[1:], dtype=acc, device=masks.device)
-            for t in range(masks.shape[0]):
-                mbar.add_(masks[t], alpha=float(a[t]))
+            for t in range(masks.shape[0]):  # a[t] stays a tensor: no host read, so torch.compile traces it
+                mbar.addcmul_(masks[t], a[t])
         ctx.save_for_backward(x, weight, masks, mbar)
         ctx.per_sample = alpha.dim() == 2
         ctx.alpha_dtype = alpha.dtype
@@ -228,6 +228,18 @@ class _PerSampleSuperposedLinear(torch.autograd.Function):
         return dx, None, None, dalpha, db
 
 
+def _rows_equal(alpha: Tensor) -> bool:
+    """Whether every row of α [B, T] is the same, known without reading data where possible: by
+    construction for B <= 1 or a stride-0 batch dim (one row expanded). Otherwise by value in eager
+    mode; under torch.compile (values unknown while tracing: ``torch.equal`` would break the graph)
+    such a tensor counts as rows that differ."""
+    if alpha.shape[0] <= 1 or alpha.stride(0) == 0:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch.equal(alpha, alpha[:1].expand_as(alpha))
+
+
 def superposed_linear(x: Tensor, weight: Tensor, masks: Tensor, alpha: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (W ⊙ Σ_t α_t M_t)^T + b with α [T] (one mixture), or α [B, T] (one mixture per sample,
     with ∂/∂α per sample).
@@ -235,12 +247,17 @@ def superposed_linear(x: Tensor, weight: Tensor, masks: Tensor, alpha: Tensor, b
     α [T], or [B, T] with equal rows: W ⊙ M̄ is formed once ([out, in]) and one masked GEMM runs.
     α [B, T] whose rows differ (SAPT over Soft-TF masks): y_b = Σ_t α_bt · x_b (W ⊙ M_t)^T + b, T
     masked GEMMs over the whole batch, no per-sample masked weight. Both are differentiable in x,
-    α and bias (the weight and the masks get no gradient here)."""
+    α and bias (the weight and the masks get no gradient here).
+
+    Which of the two runs is decided without a graph break: one row expanded to B rows (stride 0,
+    ``a.expand(B, T)``: what Gradient ID passes) or B = 1 take the first without reading α; other
+    [B, T] tensors are compared by value in eager mode, and take the second under torch.compile,
+    whose graph cannot branch on data (same result up to rounding, T GEMMs)."""
     if alpha.dim() == 2:
         if x.dim() < 2 or alpha.shape[0] != x.shape[0]:
             raise ValueError(f"superposed_linear: alpha [B, T] needs x [B, ...] with the same B, got "
                              f"alpha {tuple(alpha.shape)} and x {tuple(x.shape)}")
-        if not torch.equal(alpha, alpha[:1].expand_as(alpha)):
+        if not _rows_equal(alpha):
             if masks.dim() != 3 or alpha.shape[1] != masks.shape[0]:
                 raise ValueError(f"superposed_linear: alpha [B, T] needs masks [T, out, in] with the same T, got "
                                  f"alpha {tuple(alpha.shape)} and masks {tuple(masks.shape)}")

@@ -119,6 +119,11 @@ def gradient_id(
     (NaN/Inf in the inputs or the model), ``ValueError`` names the samples (for ``"batch"`` and
     ``"binary"`` only the k-shot samples are scored, so only those can be named). An empty batch
     gives an empty result (scores [0, T], task_index [0]).
+
+    ``model`` may be ``torch.compile(model, fullgraph=True)``: the superposed forward and its
+    backward trace without graph breaks (α is one row expanded, so no layer compares α's values).
+    This function itself stays eager: it creates α with ``requires_grad``, checks the scores and
+    switches the layers' modes (tests/test_compile_gradient_id.py).
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -133,7 +138,7 @@ def gradient_id(
         return GradientIDResult(torch.zeros(0, t, device=dev), torch.zeros(0, dtype=torch.long, device=dev), tasks)
     with preserve_modes(layers):
         if rule == "sample":
-            alpha = torch.full((n, t), 1.0 / t, device=dev, requires_grad=True)
+            alpha = _equal_rows(torch.full((t,), 1.0 / t, device=dev), n)
             scores = _scores(model, layers, forward_fn, inputs, tasks, alpha, topk, range(n))
             return GradientIDResult(scores, scores.argmin(1), tasks)
         if rule == "batch":
@@ -147,6 +152,14 @@ def gradient_id(
             return GradientIDResult(g[:1].expand(n, t).clone(), idx[:1].expand(n).clone(), tasks)
         idx, g = _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample=True)
         return GradientIDResult(g, idx, tasks)
+
+
+def _equal_rows(row: Tensor, n: int) -> Tensor:
+    """α [n, T]: ``row`` [T] expanded to n rows (stride 0, differentiable). The ∂/∂α autograd returns
+    for it is still per sample ([n, T]); its stride says that the rows are equal, so the superposed
+    layers form one W ⊙ M̄ without comparing values, which torch.compile could not trace
+    (``softtf_kernels.ops.superposed_linear``)."""
+    return row.detach().clone().view(1, -1).requires_grad_(True).expand(n, row.shape[-1])
 
 
 def _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample: bool):
@@ -168,7 +181,7 @@ def _binary(model, layers, forward_fn, inputs, tasks, topk, per_sample: bool):
             alpha_row = keep.float() / keep.sum()
             sel = torch.tensor(members) if per_sample else torch.arange(n)
             sub = take_rows(inputs, sel.to(device_of(inputs)))
-            alpha = alpha_row.to(dev).expand(len(sel), t).clone().requires_grad_(True)
+            alpha = _equal_rows(alpha_row.to(dev), len(sel))
             g = _scores(model, layers, forward_fn, sub, tasks, alpha, topk, sel.tolist()).cpu()
             g = g.masked_fill(~keep, float("inf"))
             if not per_sample:
