@@ -4,7 +4,8 @@
 
 The base layer's parameters never train. Each task owns a real-valued mask shaped like W; the
 mask of the task being trained is an fp32 ``nn.Parameter``; once frozen it moves into a stacked
-buffer ``frozen_masks`` [T, out, in] stored in ``mask_dtype`` (bf16/fp16 halve the bytes per task).
+buffer ``frozen_masks`` [T, out, in] stored in ``mask_dtype`` (bf16/fp16 halve the bytes per task),
+or stays a view of a memory-mapped mask file (:mod:`softtf.core.frozen_store`).
 
 Serving several tasks concurrently: select the task per call with ``with use_task(name):`` (a
 context variable, private to each thread and asyncio task) rather than ``set_task`` (shared state
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from softtf_kernels import ops
 from softtf_kernels.ops import superposed_linear
 
+from .frozen_store import FrozenStore, StoreState
 from .linear import LinearWrapper
 from .modes import MaskSwitch, preserve_modes
 from .serving import ServingGuard, exclusive
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class SoftLinear(LinearWrapper):
+class SoftLinear(FrozenStore, LinearWrapper):
     """Wraps a frozen ``nn.Linear`` and applies the active task's soft mask to its weight.
 
     Args:
@@ -58,8 +60,8 @@ class SoftLinear(LinearWrapper):
         self.mask_dtype = mask_dtype
         self.masks = nn.ParameterDict()  # unfrozen tasks
         w = base_layer.weight
-        self.register_buffer("frozen_masks", torch.empty(0, *w.shape, dtype=mask_dtype, device=w.device))
-        self._frozen: list[str] = []  # names of frozen_masks rows, in order
+        self._init_store(w.shape, mask_dtype, w.device)
+        self._frozen: list[str] = []  # names of the frozen tasks, in order
         self._order: list[str] = []  # every task, in the order added
         # What the next forward computes; replaced whole (never mutated) so a snapshot stays valid.
         self._state = ModeState("single", None)
@@ -68,8 +70,9 @@ class SoftLinear(LinearWrapper):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "_guard" not in self.__dict__:  # pickled by an older softtf (no guard then)
-            self._guard, self._owners = ServingGuard(), ()
+        defaults = {"_guard": ServingGuard, "_owners": tuple, "_rows": lambda: None, "_mapped": frozenset}
+        for name, default in defaults.items():  # pickled by an older softtf: no guard, one stacked store
+            self.__dict__.setdefault(name, default())
 
     @property
     def _lock(self):  # copies and pickles get a fresh guard (ServingGuard.__reduce__), hence a fresh lock
@@ -134,12 +137,14 @@ class SoftLinear(LinearWrapper):
     def _apply(self, fn, recurse: bool = True):
         """.to(dtype) / .half() / .double(): the base layer converts; trainable masks stay in the training
         dtype (fp32; fp64 for fp64 weights), frozen ones in ``mask_dtype``; Parameters are kept (optimizers)."""
-        frozen_dtype = self.frozen_masks.dtype
+        frozen_dtype = self._buffers["frozen_masks"].dtype
         super()._apply(fn, recurse)
         want = train_dtype(self.weight.dtype)
         for p in [p for p in self.masks.values() if p.dtype != want]:
             p.data, p.grad = p.data.to(want), None if p.grad is None else p.grad.to(want)
-        self.frozen_masks = self.frozen_masks.to(frozen_dtype)
+        self.frozen_masks = self._buffers["frozen_masks"].to(frozen_dtype)
+        if self._rows is not None and any(m.device != self.weight.device for m in self._rows.values()):
+            self._restack(self.weight.device, frozen_dtype)  # moved: file-backed rows cannot follow
         return self
 
     def set_task(self, name: str, train: bool | None = None) -> None:
@@ -160,8 +165,8 @@ class SoftLinear(LinearWrapper):
             self._check_known(name)
             if name in self._frozen:
                 raise ValueError(f"SoftLinear: task {name!r} is already frozen")
-            mask = self.masks[name].detach().to(self.mask_dtype)
-            self.frozen_masks = torch.cat([self.frozen_masks, mask.unsqueeze(0)], 0)
+            mask = self.masks[name].detach().to(self.mask_dtype, copy=True)  # an optimizer may still hold the Parameter
+            self._set_store(self._staged_store(self._store_state(), self.frozen_tasks, {name: mask}, mapped=False))
             del self.masks[name]
             self._frozen.append(name)
 
@@ -169,9 +174,8 @@ class SoftLinear(LinearWrapper):
         with self._structural(f"delete_task({name!r})"):
             self._check_known(name)
             if name in self._frozen:
-                i = self._frozen.index(name)
-                self.frozen_masks = torch.cat([self.frozen_masks[:i], self.frozen_masks[i + 1 :]], 0)
-                self._frozen.pop(i)
+                self._drop_frozen(name)
+                self._frozen.remove(name)
             else:
                 del self.masks[name]
             self._order.remove(name)
@@ -179,19 +183,24 @@ class SoftLinear(LinearWrapper):
             mode = "single" if self.mode in ("superposed", "per_sample") else self.mode
             self._state = ModeState(mode, active)
 
-    def stage_tasks(self, masks: dict[str, Tensor], frozen: Sequence[str] = (), active: str | None = None) -> Callable[[], None]:
+    def stage_tasks(self, masks: dict[str, Tensor], frozen: Sequence[str] = (), active: str | None = None,
+                    mapped: bool = False) -> Callable[[], None]:
         """Prepare adding the tasks ``masks`` (name -> mask shaped like the weight; frozen tasks in
         ``mask_dtype``, the others in the training dtype) without changing the layer.
 
         Returns ``commit()``, which adds them at once: the trainable masks, then ``frozen`` (in that
         order) in the frozen store, and selects ``active`` (default: the last new task). Staging
-        every layer of a model before committing any makes a load all-or-nothing."""
+        every layer of a model before committing any makes a load all-or-nothing. ``mapped``: the
+        frozen masks are views of a memory-mapped file (CPU layers only), kept as they are rather
+        than copied (:mod:`softtf.core.frozen_store`); trainable masks are always copied."""
         names, frozen, w = list(masks), list(frozen), self.weight
         for n in names:
             if not isinstance(n, str) or not TASK_NAME.match(n):
                 raise ValueError(f"SoftLinear.stage_tasks: task name must match [A-Za-z0-9_-]+, got {n!r}")
         with self._lock:
-            order, old_frozen, store = list(self._order), list(self._frozen), self.frozen_masks
+            order, old_frozen, store = list(self._order), list(self._frozen), self._store_state()
+        if mapped and w.device.type != "cpu":
+            raise ValueError(f"SoftLinear.stage_tasks: mapped masks serve CPU layers only; this layer is on {w.device}")
         clash = [n for n in names if n in order]
         if clash:
             raise ValueError(f"SoftLinear.stage_tasks: tasks {clash} already exist (tasks: {order})")
@@ -205,8 +214,7 @@ class SoftLinear(LinearWrapper):
                 got = (tuple(m.shape), m.dtype) if isinstance(m, Tensor) else type(m).__name__
                 raise ValueError(f"SoftLinear.stage_tasks: mask {n!r} must be a {want} tensor of shape {tuple(w.shape)}, got {got}")
         params = {n: nn.Parameter(m.detach().to(w.device, copy=True)) for n, m in masks.items() if n not in frozen}
-        if frozen:
-            store = torch.cat([store, torch.stack([masks[n].detach().to(w.device) for n in frozen])], 0)
+        store = self._staged_store(store, old_frozen, {n: masks[n].detach().to(w.device) for n in frozen}, mapped)
         select = active if active is not None else (names[-1] if names else None)
 
         def commit() -> None:
@@ -215,7 +223,7 @@ class SoftLinear(LinearWrapper):
                     raise RuntimeError("SoftLinear.stage_tasks: the layer's tasks changed since staging; stage again")
                 for n, p in params.items():
                     self.masks[n] = p
-                self.frozen_masks = store
+                self._set_store(store)
                 self._frozen.extend(frozen)
                 self._order.extend(names)
                 if select is not None:
@@ -238,7 +246,7 @@ class SoftLinear(LinearWrapper):
     def _mask_of(self, name: str) -> Tensor:
         self._check_known(name)
         if name in self._frozen:
-            return self.frozen_masks[self._frozen.index(name)]
+            return self._frozen_mask(name)
         return self.masks[name]
 
     def _mask_refs(self, names: Sequence[str]) -> Tensor | list[Tensor]:
@@ -246,7 +254,8 @@ class SoftLinear(LinearWrapper):
         names = list(names)
         if not names:
             raise ValueError("SoftLinear: no tasks to stack")
-        return self.frozen_masks if names == self._frozen else [self._mask_of(n) for n in names]
+        whole = self._whole_store(names)
+        return whole if whole is not None else [self._mask_of(n) for n in names]
 
     def _stack(self, refs: Tensor | list[Tensor]) -> Tensor:
         return refs if isinstance(refs, Tensor) else torch.stack([m.to(self.mask_dtype) for m in refs])
@@ -391,13 +400,13 @@ class SoftLinear(LinearWrapper):
                     self.masks[name] = nn.Parameter(torch.empty(w.shape, dtype=train_dtype(w.dtype), device=w.device))
             frozen = state_dict.get(prefix + "frozen_masks")
             if frozen is not None:
-                self.frozen_masks = torch.empty_like(frozen, device=w.device)
+                self._set_store(StoreState(torch.empty_like(frozen, device=w.device), None, frozenset()))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if extra is not None and self.active_task is not None and self.mode != "disabled":
             self.set_task(self.active_task)
 
     def extra_repr(self) -> str:
-        kinds = {n: f"frozen {self.mask_dtype}" if n in self._frozen else f"trainable {self.masks[n].dtype}" for n in self._order}
+        kinds = {n: f"frozen {self.mask_dtype}{' mapped' * (n in self._mapped)}" if n in self._frozen else f"trainable {self.masks[n].dtype}" for n in self._order}
         tasks = ", ".join(f"{n} ({kind})" for n, kind in kinds.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight_dtype={self.weight.dtype}, mask_dtype={self.mask_dtype}, tasks=[{tasks}], "

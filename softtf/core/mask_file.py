@@ -12,6 +12,9 @@ File layout (one ``.safetensors`` file):
 
 Writes are atomic: the file goes to a temporary name in the target directory, is fsynced, then
 ``os.replace``-d over the destination, so a crash never leaves a half-written checkpoint.
+
+A load with ``mmap=True`` keeps the frozen tasks' masks in the file, memory-mapped
+(:mod:`softtf.core.mapped_file`): nothing is read until a forward uses a task.
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ from torch import Tensor
 from .config import SoftConfig
 from .files import atomic_write
 from .layer import MASK_DTYPES, TASK_NAME, SoftLinear, train_dtype
+from .mapped_file import map_safetensors
 from .serving import ServingGuard, exclusive, refuse_if_serving
 
-__all__ = ["write_mask_file", "read_mask_file", "add_tasks_from_file", "FORMAT", "VERSION"]
+__all__ = ["write_mask_file", "read_mask_file", "read_mask_info", "add_tasks_from_file", "FORMAT", "VERSION"]
 
 FORMAT = "softtf.masks"
 VERSION = "1"
@@ -90,17 +94,33 @@ def write_mask_file(
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+def read_mask_file(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[str, Tensor], dict]:
     """Read a mask file: ``(tensors, info)`` where ``info`` has the decoded metadata
     (``config`` as a :class:`SoftConfig` or ``None``, ``layers``, ``tasks``, ``frozen``,
-    ``active_task``, ``mask_dtype``, ``user``)."""
+    ``active_task``, ``mask_dtype``, ``user``). ``mmap=True``: the tensors are views of a
+    memory-mapped copy-on-write mapping of the file (:func:`~softtf.core.mapped_file.map_safetensors`),
+    read from disk only when used."""
+    if not isinstance(mmap, bool):
+        raise TypeError(f"load_masks: mmap must be True or False, got {mmap!r}")
+    return _read(path, "mmap" if mmap else "tensors")
+
+
+def read_mask_info(path: str | os.PathLike) -> dict:
+    """The ``info`` of :func:`read_mask_file` (the decoded, checked metadata) without reading a tensor."""
+    return _read(path, "header")[1]
+
+
+def _read(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_masks: no mask file at {path!r}")
     try:
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        if what == "mmap":
+            tensors, meta = map_safetensors(path)
+        else:
+            with safe_open(path, framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()} if what == "tensors" else {}
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"load_masks: {path!r} is not a readable safetensors file ({exc})") from exc
     if meta.get("format") != FORMAT:
@@ -150,7 +170,7 @@ def _check_metadata(info: dict, path: str) -> None:
 def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None, path: str | os.PathLike,
                         check_extras: Callable[[dict[str, Tensor]], None] | None = None,
                         commit_extras: Callable[[], None] | None = None,
-                        guards: Sequence[ServingGuard] = ()) -> dict[str, Tensor]:
+                        guards: Sequence[ServingGuard] = (), mmap: bool = False) -> dict[str, Tensor]:
     """Add the tasks stored in ``path`` to ``layers`` (same layers, shapes and mask dtypes).
 
     All or nothing: every check runs before the model is touched (the metadata's fields and
@@ -166,11 +186,19 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
     owning model's) and every layer's, so the load is refused, before anything changes, while
     another thread's forward call is in flight (checked before the file is read, and again at the
     commit). Returns the extra tensors (keys without ``"extra::"``).
+
+    ``mmap=True`` (CPU layers only): the frozen tasks' masks stay views of the memory-mapped file
+    (the file must not be changed in place while the model uses them; see
+    :mod:`softtf.core.mapped_file`); trainable masks and extras are read as usual.
     """
     all_guards = [*guards, *(layer.serving_guard for layer in layers.values())]
     operation = f"load_masks({os.fspath(path)!r})"
     refuse_if_serving(all_guards, operation)
-    tensors, info = read_mask_file(path)
+    off_cpu = sorted({str(layer.weight.device) for layer in layers.values()} - {"cpu"})
+    if mmap and off_cpu:
+        raise ValueError(f"load_masks: mmap=True keeps masks in host memory and serves CPU layers only; the masked layers "
+                         f"are on {off_cpu} (load with mmap=False, or load on the CPU and move the model)")
+    tensors, info = read_mask_file(path, mmap=mmap)
     path = os.fspath(path)
     file_layers, tasks, frozen = info["layers"], info["tasks"], info["frozen"]
     missing = [n for n in layers if n not in file_layers]
@@ -208,11 +236,11 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
     if stray:
         raise ValueError(f"load_masks: {path!r} has tensors that are neither masks nor extras: {stray[:6]}")
 
-    extras = {k[len("extra" + _SEP):]: v for k, v in tensors.items() if k.startswith("extra" + _SEP)}
+    extras = {k[len("extra" + _SEP):]: v.clone() if mmap else v for k, v in tensors.items() if k.startswith("extra" + _SEP)}
     if check_extras is not None:
         check_extras(extras)
     commits = [  # build every layer's new state first: a failure here leaves the model as it was
-        layer.stage_tasks({t: tensors[f"{lname}{_SEP}{t}"] for t in tasks}, frozen, info["active_task"])
+        layer.stage_tasks({t: tensors[f"{lname}{_SEP}{t}"] for t in tasks}, frozen, info["active_task"], mapped=mmap)
         for lname, layer in layers.items()
     ]
     with exclusive(all_guards, operation):  # every layer checked, then every layer changed

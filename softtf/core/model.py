@@ -33,7 +33,7 @@ from .batch import call_batch_size
 from .config import SoftConfig, config_with, resolve_config
 from .layer import MaskSwitch, SoftLinear, soft_layers, use_task, use_tasks
 from .files import atomic_write
-from .mask_file import add_tasks_from_file, read_mask_file, write_mask_file
+from .mask_file import add_tasks_from_file, read_mask_info, write_mask_file
 from .merge import merge_layer
 from .optimizer_check import unwatch, watch
 from .saved_modules import SAVED_PREFIX, SavedModulesLoad
@@ -251,9 +251,7 @@ class SoftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts; total counts base weights, masks and frozen masks."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters()) + sum(
-            layer.frozen_masks.numel() for layer in self._layers()
-        )
+        total = sum(p.numel() for p in self.parameters()) + sum(layer.frozen_numel() for layer in self._layers())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -294,21 +292,24 @@ class SoftModel(nn.Module):
         atomic_write(os.path.join(directory, PRETRAINED_CONFIG), functools.partial(_write_json, info))
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> "SoftModel":
-        """Wrap ``base_model`` (the same pretrained weights) as saved by :meth:`save_pretrained`."""
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, mmap: bool = False) -> "SoftModel":
+        """Wrap ``base_model`` (the same pretrained weights) as saved by :meth:`save_pretrained`
+        (``mmap``: as in :func:`load_soft_model`)."""
         path = os.path.join(os.fspath(directory), PRETRAINED_MASKS)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"from_pretrained: {path!r} does not exist (write it with save_pretrained)")
-        return load_soft_model(base_model, path)[0]
+        return load_soft_model(base_model, path, mmap=mmap)[0]
 
-    def load_masks(self, path: str | os.PathLike) -> dict[str, Tensor]:
+    def load_masks(self, path: str | os.PathLike, mmap: bool = False) -> dict[str, Tensor]:
         """Add the tasks stored at ``path`` to this model and restore the saved state of its
         ``modules_to_save``; returns the caller's extra tensors stored with them. Everything is
-        checked before anything changes."""
+        checked before anything changes. ``mmap=True`` (CPU): frozen tasks' masks stay in the
+        file, memory-mapped, read when a forward uses them; do not change the file in place while
+        the model lives (replacing it, as ``save_masks`` does, is safe)."""
         self._check_live()
         load = SavedModulesLoad(self.saved_module_state(), self._saved_modules, path)
         extras = add_tasks_from_file(self.soft_layers, self.soft_config, path, check_extras=load.check,
-                                     commit_extras=load.commit, guards=[self._guard])
+                                     commit_extras=load.commit, guards=[self._guard], mmap=mmap)
         return load.callers_extras(extras)
 
     def load_state_dict(self, state_dict, *args, **kwargs):
@@ -404,24 +405,26 @@ def save_masks(
     write_mask_file(layers, config, path, extra=extra, metadata=metadata)
 
 
-def load_masks(model: nn.Module, path: str | os.PathLike) -> dict[str, Tensor]:
-    """Add the tasks stored in ``path`` to ``model``; returns the extra tensors stored with them."""
+def load_masks(model: nn.Module, path: str | os.PathLike, mmap: bool = False) -> dict[str, Tensor]:
+    """Add the tasks stored in ``path`` to ``model``; returns the extra tensors stored with them.
+    ``mmap=True``: frozen masks stay in the memory-mapped file (see :meth:`SoftModel.load_masks`)."""
     if isinstance(model, SoftModel):  # restores its modules_to_save (the head) too
-        return model.load_masks(path)
+        return model.load_masks(path, mmap=mmap)
     layers, config = layers_of(model)
-    return add_tasks_from_file(layers, config, path)
+    return add_tasks_from_file(layers, config, path, mmap=mmap)
 
 
-def load_soft_model(model: nn.Module, path: str | os.PathLike) -> tuple[SoftModel, dict[str, Tensor]]:
-    """Wrap a fresh base ``model`` with the config stored in ``path`` and load its masks.
+def load_soft_model(model: nn.Module, path: str | os.PathLike, mmap: bool = False) -> tuple[SoftModel, dict[str, Tensor]]:
+    """Wrap a fresh base ``model`` with the config stored in ``path`` and load its masks
+    (``mmap=True``: frozen masks stay in the memory-mapped file, see :meth:`SoftModel.load_masks`).
 
     Returns ``(soft_model, extras)``."""
-    _, info = read_mask_file(path)
+    info = read_mask_info(path)
     if info["config"] is None:
         raise ValueError(f"load: {os.fspath(path)!r} stores no SoftConfig (it was saved from a bare module); wrap the model yourself and call load_masks")
     soft = wrap(model, info["config"])
     try:
-        extras = load_masks(soft, path)
+        extras = load_masks(soft, path, mmap=mmap)
     except Exception:
         soft.unwrap()
         raise
