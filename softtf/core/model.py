@@ -92,6 +92,10 @@ class SoftModel(nn.Module):
         watch(self, self.soft_layers)  # warns when an optimizer that trains this model misses a later task's masks
 
     # ------------------------------------------------------------------ plumbing
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_guard", ServingGuard())  # pickled by an older softtf (no guard then)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
