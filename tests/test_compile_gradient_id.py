@@ -67,8 +67,6 @@ def test_every_rule_through_a_fullgraph_compiled_model_matches_eager(mask_dtype)
         torch.testing.assert_close(compiled(x), soft(x))
 
 
-@pytest.mark.xfail(strict=True, reason="SoftLinear.forward reads use_task / use_tasks only in eager mode (core/layer.py: "
-                                       "'traced: the layer's own selection'), so a compiled model runs its active task")
 def test_predict_with_tasks_through_a_compiled_model():
     soft = mlp()
     x = torch.randn(9, 6, generator=torch.Generator().manual_seed(1))
@@ -76,6 +74,26 @@ def test_predict_with_tasks_through_a_compiled_model():
     res = gradient_id(soft, x)
     torch.testing.assert_close(predict_with_tasks(compiled, x, res.task_index, res.tasks),
                                predict_with_tasks(soft, x, res.task_index, res.tasks))
+
+
+def test_a_compiled_model_follows_use_task_and_use_tasks():
+    """The task chosen per call (a context variable) is read under torch.compile too: switching it
+    re-guards the graph instead of running the layer's active task (it used to, silently)."""
+    soft = mlp()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(soft, fullgraph=True, backend="aot_eager")
+    for name in ("b", "a", "d", "b"):
+        with softtf.use_task(name):
+            torch.testing.assert_close(compiled(x), soft(x), rtol=0, atol=0)
+            eager = soft(x)
+        with softtf.use_task(name):
+            torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    names = ["c", "a", "a", "d", "b"]
+    with softtf.use_tasks(names):
+        mixed = compiled(x)
+    with softtf.use_tasks(names):
+        torch.testing.assert_close(mixed, soft(x))
+    torch.testing.assert_close(compiled(x), soft(x))  # no selection: the active task
 
 
 def test_the_superposed_vit_forward_has_no_graph_break():

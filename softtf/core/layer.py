@@ -326,8 +326,8 @@ class SoftLinear(FrozenStore, LinearWrapper):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # traced: the layer's own selection, no lock, nothing counted (graph break)
-            return self._run(x, *self._select(self._state.active_task))
+        if torch.compiler.is_compiling():  # traced: no lock, nothing counted; the context variables are guarded
+            return self._run(x, *self._select(current_task() or self._state.active_task, current_sample_tasks()))
         with self._lock:  # a structural change lands wholly before this snapshot, or is refused until the call ends
             snapshot = self._select(current_task() or self._state.active_task, current_sample_tasks())
             self._guard.enter()
