@@ -38,6 +38,7 @@ from .core import (
     SoftModel,
     load_masks,
     load_soft_model,
+    read_extras,
     read_mask_file,
     save_masks,
     soft_layers,
@@ -56,7 +57,7 @@ __all__ = [
     "ClassIncrementalScenario", "ContinualClassifier", "ContinualMethod", "GradientIDResult", "LabelledData",
     "METHODS", "MissedMaskWarning", "PromptID", "RunConfig", "RunResult", "SoftConfig", "SoftLinear", "SoftModel", "TASK_ID_MODES",
     "__version__", "cls_feature", "entropy", "get_backend", "gradient_id", "load_cifar100", "load_csv_text",
-    "load_data", "load_digits", "load_image_folder", "load_masks", "load_soft_model", "metrics",
+    "load_data", "load_digits", "load_image_folder", "load_masks", "load_soft_model", "metrics", "read_extras",
     "plot_accuracy_curve", "plot_accuracy_matrix", "predict_with_tasks", "pretrain", "read_mask_file",
     "run_continual", "save_masks", "set_backend", "soft_layers", "superposed_linear", "use_backend", "use_task", "use_tasks", "wrap",
 ]

@@ -49,8 +49,8 @@ def _mappings_of(path):
 @pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mmap_load_gives_the_outputs_of_a_normal_load_bit_for_bit(tmp_path, mask_dtype):
     path = _saved(tmp_path, mask_dtype)
-    plain, _ = softtf.load_soft_model(_vit(), path)
-    mapped, _ = softtf.load_soft_model(_vit(), path, mmap=True)
+    plain = softtf.load_soft_model(_vit(), path)
+    mapped = softtf.load_soft_model(_vit(), path, mmap=True)
     layers = list(mapped.soft_layers.values())
     assert all(l.mapped_tasks == ["t0", "t1", "t2"] and l.frozen_tasks == ["t0", "t1", "t2"] for l in layers)
     assert all(not p.requires_grad or n == "t3" for l in layers for n, p in l.masks.items())  # t3 trains, resident
@@ -73,7 +73,7 @@ def test_mmap_load_gives_the_outputs_of_a_normal_load_bit_for_bit(tmp_path, mask
 
 def test_mapped_masks_are_views_of_the_file_mapping_not_copies(tmp_path):
     path = _saved(tmp_path)
-    model, _ = softtf.load_soft_model(_vit(), path, mmap=True)
+    model = softtf.load_soft_model(_vit(), path, mmap=True)
     ranges = _mappings_of(path)
     assert ranges, "the mask file is not mapped"
     for layer in model.soft_layers.values():
@@ -126,8 +126,8 @@ def test_resident_memory_grows_far_less_than_the_masks_bytes(tmp_path):
 
 def test_lifecycle_on_a_mapped_model(tmp_path):
     path = _saved(tmp_path)
-    plain, _ = softtf.load_soft_model(_vit(), path)
-    model, _ = softtf.load_soft_model(_vit(), path, mmap=True)
+    plain = softtf.load_soft_model(_vit(), path)
+    model = softtf.load_soft_model(_vit(), path, mmap=True)
     x = torch.randn(3, 3, 16, 16)
     for m in (plain, model):  # freeze the trainable task, delete a mapped one, add a new one
         m.freeze_task("t3")
@@ -142,7 +142,7 @@ def test_lifecycle_on_a_mapped_model(tmp_path):
         assert all(torch.equal(model(x, task_names=t), e) for t, e in expected.items())
     assert model.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()
     model.save_masks(path)  # replaces the file the model maps (a rename: the mapping keeps the old one)
-    again, _ = softtf.load_soft_model(_vit(), path, mmap=True)
+    again = softtf.load_soft_model(_vit(), path, mmap=True)
     twin = copy.deepcopy(model)  # a copy holds its masks itself
     assert next(iter(twin.soft_layers.values())).mapped_tasks == []
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_lifecycle_on_a_mapped_model(tmp_path):
 
 def test_writes_into_a_mapped_mask_stay_private(tmp_path):
     path = _saved(tmp_path)
-    model, _ = softtf.load_soft_model(_vit(), path, mmap=True)
+    model = softtf.load_soft_model(_vit(), path, mmap=True)
     before = path.read_bytes()
     with torch.no_grad():
         next(iter(model.soft_layers.values())).mask("t0").mul_(0)  # copy on write: the file never changes

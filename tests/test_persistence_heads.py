@@ -37,11 +37,12 @@ def test_reload_reproduces_outputs_exactly(tmp_path):
     model, x, path = _trained(tmp_path)
     with torch.no_grad(), softtf.use_task("a"):
         before = model(x)
-    fresh, extras = softtf.load_soft_model(_vit(1), path)  # another init: head and weights differ
+    fresh = softtf.load_soft_model(_vit(1), path)  # another init: head and weights differ
+    extras = softtf.read_extras(path)
     # the base weights are the user's to supply: give the fresh model the same pretrained weights
     assert set(extras) == {"keys"}
     torch.testing.assert_close(fresh.model.head.weight, model.model.head.weight, rtol=0, atol=0)
-    fresh2, _ = softtf.load_soft_model(_base_like(model), path)
+    fresh2 = softtf.load_soft_model(_base_like(model), path)
     with torch.no_grad(), softtf.use_task("a"):
         after = fresh2(x)
     assert torch.equal(before, after)
@@ -88,3 +89,18 @@ def test_files_without_head_state_load_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="stores no modules_to_save state"):
         other.load_masks(old)
     assert other.tasks == ["a"] and torch.equal(other.model.head.weight, head)
+
+
+def test_load_soft_model_returns_the_model_and_read_extras_the_extras(tmp_path):
+    """PEFT's shape (issue 17): the model from load_soft_model, the caller's tensors by another call,
+    which checks the file as a load does and leaves the saved head out."""
+    model = softtf.wrap(_vit(0))
+    model.add_task("a")
+    path = str(tmp_path / "m.safetensors")
+    model.save_masks(path, extra={"keys": torch.ones(2)})
+    loaded = softtf.load_soft_model(_vit(1), path)
+    assert isinstance(loaded, softtf.SoftModel) and loaded.tasks == ["a"]
+    assert list(softtf.read_extras(path)) == ["keys"]
+    (tmp_path / "bad.safetensors").write_bytes(b"not a mask file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        softtf.read_extras(str(tmp_path / "bad.safetensors"))

@@ -30,9 +30,10 @@ from .config import SoftConfig
 from .files import atomic_write
 from .layer import MASK_DTYPES, TASK_NAME, SoftLinear, train_dtype
 from .mapped_file import map_safetensors
+from .saved_modules import SavedModulesLoad
 from .serving import ServingGuard, exclusive, refuse_if_serving
 
-__all__ = ["write_mask_file", "read_mask_file", "read_mask_info", "add_tasks_from_file", "FORMAT", "VERSION"]
+__all__ = ["write_mask_file", "read_mask_file", "read_mask_info", "read_extras", "add_tasks_from_file", "FORMAT", "VERSION"]
 
 FORMAT = "softtf.masks"
 VERSION = "1"
@@ -108,6 +109,15 @@ def read_mask_file(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[st
 def read_mask_info(path: str | os.PathLike) -> dict:
     """The ``info`` of :func:`read_mask_file` (the decoded, checked metadata) without reading a tensor."""
     return _read(path, "header")[1]
+
+
+def read_extras(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The extra tensors a caller stored with the masks (``save_masks(..., extra=...)``; keys
+    without ``"extra::"``), checked as a load checks the file; the saved modules' state (the head,
+    restored by the load itself) is left out. Nothing is loaded into a model."""
+    tensors, _ = read_mask_file(path)
+    prefix = "extra" + _SEP
+    return SavedModulesLoad.callers_extras({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def _read(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], dict]:

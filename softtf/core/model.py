@@ -302,7 +302,7 @@ class SoftModel(nn.Module):
         path = os.path.join(os.fspath(directory), PRETRAINED_MASKS)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"from_pretrained: {path!r} does not exist (write it with save_pretrained)")
-        return load_soft_model(base_model, path, mmap=mmap)[0]
+        return load_soft_model(base_model, path, mmap=mmap)
 
     def load_masks(self, path: str | os.PathLike, mmap: bool = False) -> dict[str, Tensor]:
         """Add the tasks stored at ``path`` to this model and restore the saved state of its
@@ -418,18 +418,18 @@ def load_masks(model: nn.Module, path: str | os.PathLike, mmap: bool = False) ->
     return add_tasks_from_file(layers, config, path, mmap=mmap)
 
 
-def load_soft_model(model: nn.Module, path: str | os.PathLike, mmap: bool = False) -> tuple[SoftModel, dict[str, Tensor]]:
-    """Wrap a fresh base ``model`` with the config stored in ``path`` and load its masks
-    (``mmap=True``: frozen masks stay in the memory-mapped file, see :meth:`SoftModel.load_masks`).
-
-    Returns ``(soft_model, extras)``."""
+def load_soft_model(model: nn.Module, path: str | os.PathLike, mmap: bool = False) -> SoftModel:
+    """Wrap a fresh base ``model`` with the config stored in ``path`` and load its masks and saved
+    modules (``mmap=True``: frozen masks stay in the memory-mapped file, see
+    :meth:`SoftModel.load_masks`). Returns the model, as PEFT's ``from_pretrained`` does; the extra
+    tensors stored beside the masks are read by :func:`softtf.read_extras`."""
     info = read_mask_info(path)
     if info["config"] is None:
         raise ValueError(f"load: {os.fspath(path)!r} stores no SoftConfig (it was saved from a bare module); wrap the model yourself and call load_masks")
     soft = wrap(model, info["config"])
     try:
-        extras = load_masks(soft, path, mmap=mmap)
+        load_masks(soft, path, mmap=mmap)
     except Exception:
         soft.unwrap()
         raise
-    return soft, extras
+    return soft
