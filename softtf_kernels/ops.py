@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .common import acc_dtype, as_rows
+from .quant import is_quantized, mask_codes, mask_scale_offset
 
 __all__ = [
     "masked_linear",
@@ -163,7 +164,13 @@ class _SuperposedLinear(torch.autograd.Function):
         # M̄ = Σ_t α_t M_t: one [out, in] buffer. fp32 masks: one GEMV reading each mask once;
         # low-precision masks: accumulate task by task rather than upcasting all T at once.
         a = a.detach().to(acc)
-        if masks.dtype == acc:
+        if is_quantized(masks):  # Σ_t α_t (o_t + s_t q_t): the codes are read as int8, never dequantized whole
+            scale, offset = mask_scale_offset(masks)  # [T, out, 1]
+            codes = mask_codes(masks)
+            mbar = torch.einsum("t,toi->oi", a, offset.to(acc)).expand(codes.shape[1:]).contiguous()
+            for t in range(codes.shape[0]):
+                mbar.addcmul_(codes[t], a[t] * scale[t].to(acc))
+        elif masks.dtype == acc:
             mbar = torch.mv(masks.reshape(masks.shape[0], -1).t(), a).view(masks.shape[1:])
         else:
             mbar = torch.zeros(masks.shape[1:], dtype=acc, device=masks.device)

@@ -201,7 +201,7 @@ def test_layer_index():
         ({"mask_init": ("uniform", "a", 1)}, ValueError, "bounds must be numbers"),
         ({"mask_init": ("uniform", float("-inf"), float("inf"))}, ValueError, r"mask_init uniform bounds must be finite, got \(-inf, inf\)"),
         ({"mask_init": ("uniform", 0.5, float("nan"))}, ValueError, "low <= high"),
-        ({"mask_dtype": "int8"}, ValueError, "mask_dtype must be"),
+        ({"mask_dtype": "uint8"}, ValueError, "mask_dtype must be"),
         ({"mask_dtype": torch.int32}, ValueError, "mask_dtype must be one of"),
         ({"modules_to_save": [""]}, TypeError, "modules_to_save must be"),
     ],

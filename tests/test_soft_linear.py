@@ -153,7 +153,7 @@ def test_errors(gen):
     with pytest.raises(TypeError, match="base_layer must be an nn.Linear"):
         SoftLinear(nn.Conv1d(3, 3, 1))
     with pytest.raises(TypeError, match="mask_dtype must be one of"):
-        SoftLinear(nn.Linear(3, 3), mask_dtype=torch.int8)
+        SoftLinear(nn.Linear(3, 3), mask_dtype=torch.int32)
     with pytest.raises(KeyError, match=r"unknown task 'x' \(known tasks: none\)"):
         layer.set_task("x")
     layer.add_task("a")

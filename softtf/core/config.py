@@ -46,19 +46,20 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_MASK_DTYPES = {**_DTYPES, "int8": torch.int8}  # int8: frozen masks row-quantized (softtf_kernels.quant)
 _INT_COMPONENT = re.compile(r"^\d+$")
 
 
-def _dtype_from(value: Any, argname: str) -> torch.dtype | None:
+def _dtype_from(value: Any, argname: str, names: dict[str, torch.dtype] = _DTYPES) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
-        if value is not None and value not in _DTYPES.values():
-            raise ValueError(f"SoftConfig: {argname} must be one of {sorted(_DTYPES)}, got {value}")
+        if value is not None and value not in names.values():
+            raise ValueError(f"SoftConfig: {argname} must be one of {sorted(names)}, got {value}")
         return value
     if isinstance(value, str):
         key = value.removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise ValueError(f"SoftConfig: {argname} must be None, a torch dtype or one of {sorted(_DTYPES)}, got {value!r}")
+        if key in names:
+            return names[key]
+    raise ValueError(f"SoftConfig: {argname} must be None, a torch dtype or one of {sorted(names)}, got {value!r}")
 
 
 def _check_mask_init(init: Any) -> Any:
@@ -136,7 +137,7 @@ class SoftConfig:
                 raise ValueError(f"SoftConfig: layers has duplicates: {list(layers)}")
             self.layers = list(layers)
         self.mask_init = _check_mask_init(self.mask_init)
-        self.mask_dtype = _dtype_from(self.mask_dtype, "mask_dtype")
+        self.mask_dtype = _dtype_from(self.mask_dtype, "mask_dtype", _MASK_DTYPES)
         self.modules_to_save = _str_list(self.modules_to_save, "modules_to_save")
 
     # ------------------------------------------------------------------ serialisation

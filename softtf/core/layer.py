@@ -28,7 +28,7 @@ from .frozen_store import FrozenStore, StoreState
 from .linear import LinearWrapper
 from .modes import MaskSwitch, preserve_modes
 from .serving import ServingGuard, exclusive
-from .tasks import (MASK_DTYPES, TASK_NAME, MaskInit, ModeState, SampleTasks, current_sample_tasks, current_task, init_mask,
+from .tasks import (MASK_DTYPES, TASK_NAME, frozen_form, stack_masks, stored_shape, MaskInit, ModeState, SampleTasks, current_sample_tasks, current_task, init_mask,
                     train_dtype, use_task, use_tasks)
 
 __all__ = [
@@ -60,7 +60,7 @@ class SoftLinear(FrozenStore, LinearWrapper):
         self.mask_dtype = mask_dtype
         self.masks = nn.ParameterDict()  # unfrozen tasks
         w = base_layer.weight
-        self._init_store(w.shape, mask_dtype, w.device)
+        self._init_store(stored_shape(w.shape, mask_dtype), mask_dtype, w.device)
         self._frozen: list[str] = []  # names of the frozen tasks, in order
         self._order: list[str] = []  # every task, in the order added
         # What the next forward computes; replaced whole (never mutated) so a snapshot stays valid.
@@ -165,7 +165,7 @@ class SoftLinear(FrozenStore, LinearWrapper):
             self._check_known(name)
             if name in self._frozen:
                 raise ValueError(f"SoftLinear: task {name!r} is already frozen")
-            mask = self.masks[name].detach().to(self.mask_dtype, copy=True)  # an optimizer may still hold the Parameter
+            mask = frozen_form(self.masks[name].detach(), self.mask_dtype)  # a copy: an optimizer may still hold the Parameter
             self._set_store(self._staged_store(self._store_state(), self.frozen_tasks, {name: mask}, mapped=False))
             del self.masks[name]
             self._frozen.append(name)
@@ -210,9 +210,10 @@ class SoftLinear(FrozenStore, LinearWrapper):
             raise ValueError(f"SoftLinear.stage_tasks: active must be None or a task, got {active!r}")
         for n, m in masks.items():
             want = self.mask_dtype if n in frozen else train_dtype(w.dtype)
-            if not isinstance(m, Tensor) or tuple(m.shape) != tuple(w.shape) or m.dtype != want:
+            shape = stored_shape(w.shape, want)
+            if not isinstance(m, Tensor) or tuple(m.shape) != shape or m.dtype != want:
                 got = (tuple(m.shape), m.dtype) if isinstance(m, Tensor) else type(m).__name__
-                raise ValueError(f"SoftLinear.stage_tasks: mask {n!r} must be a {want} tensor of shape {tuple(w.shape)}, got {got}")
+                raise ValueError(f"SoftLinear.stage_tasks: mask {n!r} must be a {want} tensor of shape {shape}, got {got}")
         params = {n: nn.Parameter(m.detach().to(w.device, copy=True)) for n, m in masks.items() if n not in frozen}
         store = self._staged_store(store, old_frozen, {n: masks[n].detach().to(w.device) for n in frozen}, mapped)
         select = active if active is not None else (names[-1] if names else None)
@@ -232,7 +233,9 @@ class SoftLinear(FrozenStore, LinearWrapper):
         return commit
 
     def mask(self, name: str) -> Tensor:
-        """The mask of task ``name`` (the trainable Parameter, or a row of the frozen store)."""
+        """The mask of task ``name`` (the trainable Parameter, or a row of the frozen store: for
+        ``mask_dtype`` int8 the stored codes + scale/offset, ``softtf_kernels.quant.dequantize_mask``
+        gives the values)."""
         with self._lock:
             return self._mask_of(name)
 
@@ -258,7 +261,7 @@ class SoftLinear(FrozenStore, LinearWrapper):
         return whole if whole is not None else [self._mask_of(n) for n in names]
 
     def _stack(self, refs: Tensor | list[Tensor]) -> Tensor:
-        return refs if isinstance(refs, Tensor) else torch.stack([m.to(self.mask_dtype) for m in refs])
+        return refs if isinstance(refs, Tensor) else stack_masks(refs, self.mask_dtype)
 
     # ------------------------------------------------------------------ modes
     def set_superposed(self, names: Sequence[str], alpha: Tensor) -> None:

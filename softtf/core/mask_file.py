@@ -29,6 +29,7 @@ from torch import Tensor
 from .config import SoftConfig
 from .files import atomic_write
 from .layer import MASK_DTYPES, TASK_NAME, SoftLinear, train_dtype
+from .tasks import stored_shape
 from .mapped_file import map_safetensors
 from .saved_modules import SavedModulesLoad
 from .serving import ServingGuard, exclusive, refuse_if_serving
@@ -231,11 +232,12 @@ def add_tasks_from_file(layers: dict[str, SoftLinear], config: SoftConfig | None
             if key not in tensors:
                 raise ValueError(f"load_masks: {path!r} has no mask for layer {lname!r} task {t!r} (key {key!r})")
             m = tensors[key]
-            if tuple(m.shape) != tuple(w.shape):
-                raise ValueError(
-                    f"load_masks: layer {lname!r} task {t!r}: expected mask shape {tuple(w.shape)}, got {tuple(m.shape)}"
-                )
             want = layer.mask_dtype if t in frozen else trainable_dtype
+            shape = stored_shape(w.shape, want)  # int8 masks: 8 more bytes per row (scale, offset)
+            if tuple(m.shape) != shape:
+                raise ValueError(
+                    f"load_masks: layer {lname!r} task {t!r}: expected mask shape {shape}, got {tuple(m.shape)}"
+                )
             if m.dtype != want:
                 raise ValueError(
                     f"load_masks: layer {lname!r} task {t!r}: expected mask dtype {want} "

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from softtf_kernels.common import acc_dtype
+from softtf_kernels.quant import dequantize_mask
 
 from .layer import SoftLinear
 
@@ -23,8 +24,8 @@ def merged_weight(layer: SoftLinear, task: str) -> Tensor:
     w = layer.weight
     acc = acc_dtype(w.dtype)
     with torch.no_grad():
-        mask = layer.mask(task)  # KeyError naming the known tasks when unknown
-        return (w.detach().to(acc) * mask.detach().to(device=w.device, dtype=acc)).to(w.dtype)
+        mask = dequantize_mask(layer.mask(task).detach(), acc)  # KeyError naming the known tasks when unknown
+        return (w.detach().to(acc) * mask.to(w.device)).to(w.dtype)
 
 
 def merge_layer(layer: SoftLinear, task: str) -> nn.Linear:

@@ -13,13 +13,15 @@ import torch
 from torch import Tensor
 
 from softtf_kernels.common import acc_dtype
+from softtf_kernels.quant import QMASK_DTYPE, QMASK_TAIL, dequantize_mask, quantize_mask
 
 __all__ = ["MASK_DTYPES", "MODES", "MaskInit", "ModeState", "SampleTasks", "TASK_NAME", "current_sample_tasks", "current_task",
-           "init_mask", "train_dtype", "use_task", "use_tasks"]
+           "init_mask", "train_dtype", "use_task", "use_tasks", "frozen_form", "stored_shape", "stack_masks"]
 
 MaskInit = Any  # "ones" | ("uniform", low, high)
 TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# int8: frozen masks row-quantized (softtf_kernels.quant: codes + a per-row fp32 scale and offset)
+MASK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, QMASK_DTYPE)
 # The task chosen by ``use_task`` for the current thread / asyncio task (None: the layer's own).
 _CONTEXT_TASK: contextvars.ContextVar[str | None] = contextvars.ContextVar("softtf_task", default=None)
 MODES = ("single", "disabled", "superposed", "per_sample")
@@ -51,6 +53,31 @@ class ModeState:
     mix_names: tuple[str, ...] = ()
     alpha: Tensor | None = None
     task_ids: Tensor | None = None
+
+
+def stored_shape(weight_shape: Sequence[int], mask_dtype: torch.dtype) -> tuple[int, int]:
+    """The shape a frozen mask is stored in: the weight's, plus the 8 tail bytes per row for int8."""
+    out_f, in_f = weight_shape
+    return (out_f, in_f + QMASK_TAIL) if mask_dtype == QMASK_DTYPE else (out_f, in_f)
+
+
+def frozen_form(mask: Tensor, mask_dtype: torch.dtype) -> Tensor:
+    """A trained mask as the frozen store keeps it: converted to ``mask_dtype`` (a copy), or
+    row-quantized for int8."""
+    return quantize_mask(mask) if mask_dtype == QMASK_DTYPE else mask.to(mask_dtype, copy=True)
+
+
+def stack_masks(masks: Sequence[Tensor], mask_dtype: torch.dtype) -> Tensor:
+    """Masks (frozen ones in ``mask_dtype``, trainable ones in their training dtype) stacked for the
+    mixture ops: in ``mask_dtype``, or, when int8 frozen masks meet a trainable one, in the trainable
+    one's dtype with the int8 ones dequantized (a float mask cannot become int8 differentiably)."""
+    if mask_dtype == QMASK_DTYPE:
+        float_ones = [m for m in masks if m.dtype != QMASK_DTYPE]
+        if not float_ones:
+            return torch.stack(list(masks))
+        dt = float_ones[0].dtype
+        return torch.stack([dequantize_mask(m, dt) if m.dtype == QMASK_DTYPE else m.to(dt) for m in masks])
+    return torch.stack([m.to(mask_dtype) for m in masks])
 
 
 def train_dtype(weight_dtype: torch.dtype) -> torch.dtype:
