@@ -44,3 +44,14 @@ def module_one_thread():
     """One torch thread for a whole module, its module-scoped fixtures (a pretrained backbone)
     included: request it from those fixtures, or ``pytestmark = pytest.mark.usefixtures``."""
     yield from _single_thread()
+
+
+@pytest.fixture
+def fast_switching():
+    """Let the interpreter switch threads as often as it can, so thread interleavings are many."""
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)

@@ -40,3 +40,18 @@ def assert_close_rel(actual, expected, dtype, what=""):
     scale = e.abs().max().clamp_min(1e-6)
     err = (a - e).abs().max() / scale
     assert err <= tol, f"{what}: max error {err:.3e} (relative to max |ref| {scale:.3e}) > {tol:.1e}"
+
+
+def wrapped_vit(names=("a", "b", "c"), frozen=("a",)):
+    """A tiny wrapped timm ViT (eval mode) with tasks ``names`` (U(0.5, 1.5) masks, seed = index),
+    ``frozen`` of them frozen: the serving tests' model."""
+    import softtf
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = softtf.wrap(VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=4))
+    for i, name in enumerate(names):
+        model.add_task(name, init=("uniform", 0.5, 1.5), seed=i)
+        if name in frozen:
+            model.freeze_task(name)
+    return model.eval()

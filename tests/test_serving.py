@@ -5,7 +5,6 @@ import asyncio
 import copy
 import pickle
 import re
-import sys
 import threading
 
 import pytest
@@ -15,16 +14,9 @@ from torch import nn
 import softtf
 from softtf import PromptID, SoftLinear, gradient_id, use_task
 
+from helpers import wrapped_vit
+
 ROUNDS = 300
-
-
-@pytest.fixture
-def fast_switching():
-    # Let the interpreter switch threads as often as it can, so the interleavings are many.
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(before)
 
 
 def _layer(tasks, frozen=()):
@@ -208,20 +200,8 @@ def test_prompt_id_refuses_non_finite_queries():
 
 
 # ---------------------------------------------------------------- per-call tasks per sample (issue 15)
-def _wrapped_vit(names=("a", "b", "c"), frozen=("a",)):
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    model = softtf.wrap(VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=4))
-    for i, name in enumerate(names):
-        model.add_task(name, init=("uniform", 0.5, 1.5), seed=i)
-        if name in frozen:
-            model.freeze_task(name)
-    return model.eval()
-
-
 def test_task_names_per_sample_equal_one_call_per_sample():
-    model = _wrapped_vit()
+    model = wrapped_vit()
     x = torch.randn(6, 3, 16, 16)
     names = ["b", "a", "c", "c", "a", "b"]
     with torch.no_grad():
@@ -240,7 +220,7 @@ def test_task_names_per_sample_equal_one_call_per_sample():
 
 
 def test_task_names_errors():
-    model = _wrapped_vit()
+    model = wrapped_vit()
     x = torch.randn(3, 3, 16, 16)
     with pytest.raises(ValueError, match=r"unknown tasks \['zz'\]"):
         model(x, task_names=["a", "zz", "a"])
@@ -253,7 +233,7 @@ def test_task_names_errors():
 
 def test_task_names_from_many_threads_equal_sequential_calls(fast_switching):
     """Threads serving different mixed batches through one model see only their own tasks."""
-    model = _wrapped_vit(names=("a", "b", "c", "d"), frozen=("a", "c"))
+    model = wrapped_vit(names=("a", "b", "c", "d"), frozen=("a", "c"))
     x = torch.randn(4, 3, 16, 16)
     batches = [["a", "b", "c", "d"], ["d", "d", "a", "b"], ["c", "a", "a", "c"], ["b", "c", "d", "a"]]
     with torch.no_grad():
@@ -278,7 +258,7 @@ def test_task_names_from_many_threads_equal_sequential_calls(fast_switching):
 
 
 def test_predict_with_tasks_is_a_per_call_choice():
-    model = _wrapped_vit()
+    model = wrapped_vit()
     x = torch.randn(4, 3, 16, 16)
     model.set_task("c")
     states = [layer.mode_state() for layer in model.soft_layers.values()]

@@ -4,7 +4,6 @@ is in flight; once the calls end the same change succeeds. Calls of the changing
 (from inside its own forward) are not counted."""
 import copy
 import re
-import sys
 import threading
 import time
 
@@ -15,27 +14,14 @@ from torch import nn
 import softtf
 from softtf import SoftLinear
 
-from timm.models.vision_transformer import VisionTransformer
+from helpers import wrapped_vit
+
 
 REFUSED = r"refused: {n} forward calls? (is|are) in flight in other threads.*Wait for the calls to finish"
 
 
-@pytest.fixture
-def fast_switching():
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(before)
-
-
 def _model(names=("a", "b", "c", "d"), frozen=("a", "c")):
-    torch.manual_seed(0)
-    model = softtf.wrap(VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=4))
-    for i, name in enumerate(names):
-        model.add_task(name, init=("uniform", 0.5, 1.5), seed=i)
-        if name in frozen:
-            model.freeze_task(name)
-    return model.eval()
+    return wrapped_vit(names, frozen)
 
 
 def _structure(model):
