@@ -37,7 +37,7 @@ from .config import PROMPT_MODES, TASK_ID_INFO, RunConfig, task_id_label
 from .data import LabelledData
 from .distributed import Ranks, TrainStep, batch_shares, current_ranks, data_parallel, shard_frozen_blocks
 from .evaluate import classifier_features, evaluate_after_task
-from .loaders import make_loader, progress_bar
+from .loaders import progress_bar
 from .results import RunResult, Tallies, json_safe
 from .run_dir import RunDirectory
 from .scenario import ClassIncrementalScenario, scenario_for
@@ -145,11 +145,9 @@ class ContinualRun:
         losses = []
         for ep in range(cfg.epochs):
             seed = cfg.seed * 1000 + t * 100 + ep
-            if ranks.distributed:
-                shares = batch_shares(len(train_set), cfg.batch_size, seed, ranks)
-                batches = zip(DataLoader(train_set, batch_sampler=[i for i, _ in shares]), (w for _, w in shares))
-            else:
-                batches = ((batch, 1.0) for batch in make_loader(train_set, cfg.batch_size, True, seed))
+            # one process: its share is every batch whole, weight 1 (the order make_loader gives)
+            shares = batch_shares(len(train_set), cfg.batch_size, seed, ranks)
+            batches = zip(DataLoader(train_set, batch_sampler=[i for i, _ in shares]), (w for _, w in shares))
             desc = f"{cfg.method} task {t + 1}/{cfg.n_tasks} epoch {ep + 1}/{cfg.epochs}"
             for (x, y), weight in progress_bar(batches, cfg.progress and ranks.is_main, desc=desc,
                                                total=math.ceil(len(train_set) / cfg.batch_size)):
