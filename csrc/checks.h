@@ -32,7 +32,7 @@ struct KernelTarget {
 inline constexpr KernelTarget kCpuKernels{c10::DeviceType::CPU, true,
                                           "float32, bfloat16, float16 or float64", true};
 inline constexpr KernelTarget kCudaKernels{c10::DeviceType::CUDA, false,
-                                           "float32, bfloat16 or float16 for the CUDA kernel", false};
+                                           "float32, bfloat16 or float16 for the CUDA kernel", true};
 
 // An int8 mask row: `in` codes, then its fp32 scale and fp32 offset (value = offset + scale * code).
 inline constexpr int64_t kQMaskTail = 8;

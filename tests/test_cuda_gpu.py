@@ -9,8 +9,10 @@ import torch
 
 import softtf_kernels
 from softtf_kernels import reference as R
+from softtf_kernels.quant import quantize_mask
 
 from helpers import KERNEL_DTYPE_PAIRS, TOL, assert_close_rel, rand, rand_mask
+from test_int8_masks import oracle_mask as _q, soft_mask  # a trained-looking mask, its float64 oracle
 
 pytestmark = [
     pytest.mark.gpu,
@@ -157,3 +159,66 @@ def test_unsupported_dtype_raises_naming_the_argument(gen):
     # Through the public op, float64 goes to the exact reference instead.
     y = torch.ops.softtf.masked_linear(x, w, m)
     assert_close_rel(y.cpu(), R.masked_linear(x.cpu(), w.cpu(), m.cpu().double()), torch.float64, "f64 via reference")
+
+
+# ----------------------------------------------------------------------------- int8 masks
+# softtf_kernels.quant's [.., out, in + 8] int8 masks, dequantized by the kernels in registers; the
+# oracle gets dequantize_mask in float64. Widths 120 / 24 / 36 give mask rows the kernels read as
+# chunk vectors (36: with fp32 x, tails 4- but not 8-byte aligned); the others, byte-wise tails.
+Q_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+Q_SHAPES = SHAPES + [((9,), 120, 70), ((5,), 24, 33), ((3,), 36, 20)]
+
+
+@pytest.mark.parametrize("lead,fin,fout", Q_SHAPES)
+@pytest.mark.parametrize("dt", Q_DTYPES)
+def test_int8_mask_forward_and_grad_input(gen, lead, fin, fout, dt):
+    x, w, b = rand((*lead, fin), dt, gen), rand((fout, fin), dt, gen), rand((fout,), dt, gen)
+    q = quantize_mask(soft_mask((fout, fin), gen))
+    y = torch.ops.softtf.masked_linear(_g(x), _g(w), _g(q), _g(b))
+    assert y.is_cuda and y.dtype == dt and y.shape == (*lead, fout)
+    assert_close_rel(y.cpu(), R.masked_linear(_d(x), _d(w), _q(q), _d(b)), dt, "int8 forward")
+    dy = rand((*lead, fout), dt, gen)
+    dx = torch.ops.softtf.masked_linear_grad_input(_g(dy), _g(w), _g(q))
+    assert_close_rel(dx.cpu(), R.masked_linear_grad_input(_d(dy), _d(w), _q(q)), dt, "int8 dx")
+
+
+@pytest.mark.parametrize("lead,fin,fout", MIX_SHAPES)
+@pytest.mark.parametrize("dt", Q_DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_int8_mask_mixture_grad(gen, lead, fin, fout, dt, per_sample):
+    dy, x, w = rand((*lead, fout), dt, gen), rand((*lead, fin), dt, gen), rand((fout, fin), dt, gen)
+    qs = quantize_mask(soft_mask((5, fout, fin), gen))
+    g = torch.ops.softtf.mask_mixture_grad(_g(dy), _g(x), _g(w), _g(qs), per_sample)
+    ref = R.mask_mixture_grad(_d(dy), _d(x), _d(w), _q(qs), per_sample)
+    assert g.shape == ref.shape and g.dtype == torch.float32
+    assert_close_rel(g.cpu(), ref, dt, "int8 mixture scores")
+
+
+@pytest.mark.parametrize("lead,fin,fout", MIX_SHAPES)
+@pytest.mark.parametrize("dt", Q_DTYPES)
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_int8_mixed_task(gen, lead, fin, fout, dt, id_dtype):
+    x, w, b = rand((*lead, fin), dt, gen), rand((fout, fin), dt, gen), rand((fout,), dt, gen)
+    qs = _g(quantize_mask(soft_mask((5, fout, fin), gen)))[1:4]  # a view into a bigger stack
+    ids = torch.randint(0, 3, (lead[0],), generator=gen).to(id_dtype)
+    y = torch.ops.softtf.mixed_task_linear(_g(x), _g(w), qs, _g(ids), _g(b))
+    assert_close_rel(y.cpu(), R.mixed_task_linear(_d(x), _d(w), _q(qs.cpu()), ids, _d(b)), dt, "int8 mixed forward")
+    dy = rand((*lead, fout), dt, gen)
+    dx = torch.ops.softtf.mixed_task_linear_grad_input(_g(dy), _g(w), qs, _g(ids))
+    assert_close_rel(dx.cpu(), R.mixed_task_linear_grad_input(_d(dy), _d(w), _q(qs.cpu()), ids), dt, "int8 mixed dx")
+
+
+@pytest.mark.parametrize("dt", Q_DTYPES)
+def test_int8_mask_non_contiguous_and_autograd(gen, dt):
+    w = rand((45, 130), dt, gen).cuda()
+    q = quantize_mask(soft_mask((45, 130), gen)).cuda()
+    wide = torch.zeros(45, 2 * q.shape[1], dtype=torch.int8, device="cuda")
+    wide[:, ::2] = q
+    view = wide[:, ::2]  # non-contiguous: the binding copies its bytes, nothing is dequantized
+    x = rand((3, 7, 130), dt, gen).cuda().requires_grad_()
+    y = torch.ops.softtf.masked_linear(x, w, view)
+    wd, md = _d(w.cpu()), _q(q.cpu())
+    assert_close_rel(y.detach().cpu(), R.masked_linear(_d(x.detach().cpu()), wd, md), dt, "strided int8")
+    dy = rand(y.shape, dt, gen).cuda()
+    y.backward(dy)  # a frozen int8 mask: gradients for x only
+    assert_close_rel(x.grad.cpu(), R.masked_linear_grad_input(_d(dy.cpu()), wd, md), dt, "int8 x.grad")

@@ -8,7 +8,8 @@ fibers, phase by phase between __syncthreads in a shuffled order (or, with
 SOFTTF_HARNESS_THREADS=1, as one std::thread each with a std::barrier), with poisoned shared
 memory, an emulation of the WMMA fragment API for the tensor-core step, and the same host-side
 planning (csrc/cuda/plan.h) as the torch binding. This file drives it over odd shapes, tails, unaligned buffers and every
-dtype pair, and shows that a planted tail-bound bug (-DSOFTTF_PLANT_BUG) is caught.
+dtype pair, int8 masks (softtf_kernels.quant) included, and shows that a planted tail-bound bug
+(-DSOFTTF_PLANT_BUG) is caught.
 
 Needs a C++20 compiler (g++ or clang++, or $CXX); skipped only when none is found.
 """
@@ -24,12 +25,14 @@ import pytest
 import torch
 
 from softtf_kernels import reference as R
+from softtf_kernels.quant import quantize_mask
 
 from helpers import KERNEL_DTYPE_PAIRS, TOL, assert_close_rel, rand, rand_mask
+from test_int8_masks import oracle_mask as _q, soft_mask  # a trained-looking mask, its float64 oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "cuda_harness" / "harness.cpp"
-CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.int8: 4}
 
 
 def _compiler() -> str | None:
@@ -122,6 +125,7 @@ def _tol_dtype(*dts):
 
 
 # ----------------------------------------------------------------------------- op wrappers
+# An int8 mask's buffer is its bytes (offset 1: one byte, so its rows and tails are unaligned).
 def h_masked_linear(lib, x, w, m, b=None, offset=0):
     out_f, in_f = w.shape
     xs, ws, ms = _buf(x, offset), _buf(w, offset), _buf(m, offset)
@@ -235,7 +239,7 @@ def test_vector_path_is_taken(lib, gen):
     """Aligned rows of a multiple-of-16-byte width take the vector loads; odd widths do not."""
     x, w, m = rand((5, 64), torch.float16, gen), rand((128, 64), torch.float16, gen), rand_mask((128, 64), torch.float32, gen)
     y = h_masked_linear(lib, x, w, m)
-    assert lib.sth_last_vec() == 3
+    assert lib.sth_last_vec() == 7  # x, W and the mask (its own flag: 16-byte loads of W need not wait for it)
     assert_close_rel(y, R.masked_linear(_d(x), _d(w), _d(m)), torch.float16, "vector path")
     h_masked_linear(lib, rand((5, 67), torch.float16, gen), rand((128, 67), torch.float16, gen),
                     rand_mask((128, 67), torch.float32, gen))
@@ -283,6 +287,59 @@ def test_mask_mixture_grad_single_task_equals_grad_mask_sum(lib, gen):
     g = h_mixture(lib, dy, x, w, torch.ones(1, 45, 67), per_sample=False)
     dm = h_grad_mask(lib, dy, x, w, torch.float32)
     torch.testing.assert_close(g[0].double(), dm.double().sum(), rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- int8 masks
+# One int8 tensor [.., out, in + 8] per mask (codes, then the row's fp32 scale and offset), read by
+# the kernels as it is and dequantized in registers; the oracle gets dequantize_mask in float64.
+Q_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# SHAPES, plus rows of 128, 32 and 44 bytes: the mask's chunk-vector path (in = 36: for fp32 only,
+# its tails 4- but not 8-byte aligned).
+Q_SHAPES = SHAPES + [((9,), 120, 70), ((5,), 24, 33), ((3,), 36, 20)]
+
+
+@pytest.mark.parametrize("lead,fin,fout", Q_SHAPES)
+@pytest.mark.parametrize("dt", Q_DTYPES)
+def test_int8_mask_forward_and_grad_input(lib, gen, lead, fin, fout, dt):
+    x, w, b = rand((*lead, fin), dt, gen), rand((fout, fin), dt, gen), rand((fout,), dt, gen)
+    q = quantize_mask(soft_mask((fout, fin), gen))
+    ref = R.masked_linear(_d(x), _d(w), _q(q), _d(b))
+    assert_close_rel(h_masked_linear(lib, x, w, q, b), ref, dt, "int8 forward")
+    chunk = 16 // x.element_size()  # an int8 mask chunk: one code per element of a 16-byte x chunk
+    assert bool(lib.sth_last_vec() & 4) == ((fin + 8) % chunk == 0)
+    y0 = h_masked_linear(lib, x, w, q, b, offset=1)  # every row and tail unaligned: byte-wise reads
+    assert lib.sth_last_vec() == 0
+    assert_close_rel(y0, ref, dt, "int8 forward, unaligned")
+    dy = rand((*lead, fout), dt, gen)
+    ref = R.masked_linear_grad_input(_d(dy), _d(w), _q(q))
+    for offset in (0, 1):
+        assert_close_rel(h_grad_input(lib, dy, w, q, offset), ref, dt, f"int8 dx, offset {offset}")
+
+
+@pytest.mark.parametrize("lead,fin,fout", MIX_SHAPES)
+@pytest.mark.parametrize("dt", Q_DTYPES)
+def test_int8_mixed_task(lib, gen, lead, fin, fout, dt):
+    x, w, b = rand((*lead, fin), dt, gen), rand((fout, fin), dt, gen), rand((fout,), dt, gen)
+    qs = quantize_mask(soft_mask((5, fout, fin), gen))[1:4]  # three tasks of a bigger stack
+    ids = torch.randint(0, 3, (lead[0],), generator=gen).to(torch.int32 if dt == torch.float16 else torch.int64)
+    y = h_mixed_linear(lib, x, w, qs, ids, b)
+    assert_close_rel(y, R.mixed_task_linear(_d(x), _d(w), _q(qs), ids, _d(b)), dt, "int8 mixed forward")
+    dy = rand((*lead, fout), dt, gen)
+    dx = h_mixed_grad_input(lib, dy, w, qs, ids, offset=1)
+    assert_close_rel(dx, R.mixed_task_linear_grad_input(_d(dy), _d(w), _q(qs), ids), dt, "int8 mixed dx")
+
+
+@pytest.mark.parametrize("lead,fin,fout", MIX_SHAPES)
+@pytest.mark.parametrize("dt", Q_DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_int8_mask_mixture_grad(lib, gen, lead, fin, fout, dt, per_sample):
+    dy, x, w = rand((*lead, fout), dt, gen), rand((*lead, fin), dt, gen), rand((fout, fin), dt, gen)
+    qs = quantize_mask(soft_mask((4, fout, fin), gen))
+    g = h_mixture(lib, dy, x, w, qs, per_sample, offset=1 if fin == 67 else 0)
+    assert bool(lib.sth_last_vec() & 4) == (fin == 64)  # tails read as words where 4-byte aligned
+    ref = R.mask_mixture_grad(_d(dy), _d(x), _d(w), _q(qs), per_sample)
+    assert g.shape == ref.shape and g.dtype == torch.float32
+    assert_close_rel(g, ref, dt, "int8 mixture scores")
 
 
 # ----------------------------------------------------------------------------- the harness itself

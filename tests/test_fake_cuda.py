@@ -25,6 +25,14 @@ def test_fake_cuda_shapes_and_dtypes():
         ids = torch.zeros(2, dtype=torch.long, device="cuda")
         assert torch.ops.softtf.mixed_task_linear(x, w, masks, ids).shape == (2, 5, 8)
         assert torch.ops.softtf.mixed_task_linear_grad_input(dy, w, masks, ids).shape == (2, 5, 16)
+        # int8 masks [.., out, in + 8] (softtf_kernels.quant), which the CUDA kernels read as they are
+        q = torch.empty(8, 24, device="cuda", dtype=torch.int8)
+        qs = torch.empty(3, 8, 24, device="cuda", dtype=torch.int8)
+        assert torch.ops.softtf.masked_linear(x, w, q).shape == (2, 5, 8)
+        assert torch.ops.softtf.masked_linear_grad_input(dy, w, q).shape == (2, 5, 16)
+        assert torch.ops.softtf.mask_mixture_grad(dy, x, w, qs, True).shape == (2, 3)
+        assert torch.ops.softtf.mixed_task_linear(x, w, qs, ids).shape == (2, 5, 8)
+        assert torch.ops.softtf.mixed_task_linear_grad_input(dy, w, qs, ids).shape == (2, 5, 16)
 
 
 def test_fake_cuda_bad_input_raises_the_same_errors():
@@ -35,6 +43,8 @@ def test_fake_cuda_bad_input_raises_the_same_errors():
             torch.ops.softtf.masked_linear(x, w, torch.empty(16, 8, device="cuda"))
         with pytest.raises(TypeError, match=r"x dtype torch.float16 must equal weight dtype torch.float32"):
             torch.ops.softtf.masked_linear(x.half(), w, torch.empty(8, 16, device="cuda"))
+        with pytest.raises(ValueError, match=r"mask must have \[out, in \+ 8\] = \[8, 24\] \(an int8 mask\), got \(8, 16\)"):
+            torch.ops.softtf.masked_linear(x, w, torch.empty(8, 16, device="cuda", dtype=torch.int8))
 
 
 def test_opcheck_on_meta_tensors():

@@ -3,10 +3,12 @@
 // Argument checks (csrc/checks.h, shared with the CPU kernels) raise naming the argument;
 // unsupported dtypes raise (the Python dispatcher sends float64 to the reference before it gets
 // here). Layout: x / grad_out of any leading dims are viewed as [tokens, features]; a
-// non-contiguous one is copied to a contiguous buffer first (documented cost: one copy). weight / mask(s) / bias are made contiguous the same way (a no-op
-// for parameters). Unaligned but contiguous inputs (e.g. a view starting mid-row) are fine: the
-// kernels then take their scalar load path. task_ids values are range-checked by the Python
-// dispatcher (softtf_kernels.validate), not here (that would need a device sync).
+// non-contiguous one is copied to a contiguous buffer first (documented cost: one copy). weight /
+// mask(s) / bias are made contiguous the same way (a no-op for parameters; an int8 mask is copied
+// as its bytes, never dequantized: the kernels dequantize it in registers, qmask.cuh). Unaligned
+// but contiguous inputs (e.g. a view starting mid-row) are fine: the kernels then take their
+// scalar load path. task_ids values are range-checked by the Python dispatcher
+// (softtf_kernels.validate), not here (that would need a device sync).
 //
 // The kernels themselves (csrc/cuda/*.cu) include no torch header; this file only plans the
 // launch with the shared plan_* functions of plan.h and checks it with C10_CUDA_KERNEL_LAUNCH_CHECK.
@@ -37,6 +39,8 @@ DType to_dtype(at::ScalarType s) {
       return DType::kBF16;
     case at::kDouble:
       return DType::kF64;
+    case at::kChar:  // an int8 mask (checks.h validated its [.., out, in + 8] layout)
+      return DType::kI8;
     default:
       TORCH_CHECK(false, "unreachable dtype ", s);
   }
@@ -83,7 +87,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const DType dt = to_dtype(x.scalar_type()), mt = to_dtype(mask.scalar_type());
   Plan pl = plan_fwd(xc.data_ptr(), w.data_ptr(), m.data_ptr(), nullptr, false,
                      b.defined() ? b.data_ptr() : nullptr, y.data_ptr(), 1, tokens, out_f, in_f,
-                     dtype_size(dt), dtype_size(mt));
+                     dtype_size(dt), mt);
   check_grid(op, pl);
   launched(op, launch_fwd(dt, mt, pl, at::cuda::getCurrentCUDAStream()), dt, mt);
   return y;
@@ -102,7 +106,7 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   auto dy = grad_out.contiguous(), w = weight.contiguous(), m = mask.contiguous();
   const DType dt = to_dtype(dy.scalar_type()), mt = to_dtype(mask.scalar_type());
   Plan pl = plan_dgrad(dy.data_ptr(), w.data_ptr(), m.data_ptr(), nullptr, false, dx.data_ptr(), 1,
-                       tokens, out_f, in_f, dtype_size(dt), dtype_size(mt));
+                       tokens, out_f, in_f, dtype_size(dt), mt);
   check_grid(op, pl);
   launched(op, launch_dgrad(dt, mt, pl, at::cuda::getCurrentCUDAStream()), dt, mt);
   return dx;
@@ -151,7 +155,8 @@ at::Tensor mask_mixture_grad(const at::Tensor& grad_out, const at::Tensor& x,
   const int64_t tiles = int64_t(g.x) * g.y;
   auto partial = at::empty({batches, tiles, n_tasks}, opts);
   Plan pl = plan_mixture(dy.data_ptr(), xc.data_ptr(), w.data_ptr(), m.data_ptr(), int(n_tasks),
-                         partial.data_ptr<float>(), batches, tokens, out_f, in_f, dtype_size(dt));
+                         partial.data_ptr<float>(), batches, tokens, out_f, in_f, dtype_size(dt),
+                         mt);
   check_grid(op, pl);
   auto stream = at::cuda::getCurrentCUDAStream();
   launched(op, launch_mixture(dt, mt, pl, stream), dt, mt);
@@ -178,8 +183,7 @@ at::Tensor mixed_task_linear(const at::Tensor& x, const at::Tensor& weight, cons
   const DType dt = to_dtype(x.scalar_type()), mt = to_dtype(masks.scalar_type());
   Plan pl = plan_fwd(xc.data_ptr(), w.data_ptr(), m.data_ptr(), ids.data_ptr(),
                      ids.scalar_type() == at::kLong, b.defined() ? b.data_ptr() : nullptr,
-                     y.data_ptr(), batches, all / batches, out_f, in_f, dtype_size(dt),
-                     dtype_size(mt));
+                     y.data_ptr(), batches, all / batches, out_f, in_f, dtype_size(dt), mt);
   check_grid(op, pl);
   launched(op, launch_fwd(dt, mt, pl, at::cuda::getCurrentCUDAStream()), dt, mt);
   return y;
@@ -200,7 +204,7 @@ at::Tensor mixed_task_linear_grad_input(const at::Tensor& grad_out, const at::Te
   const DType dt = to_dtype(dy.scalar_type()), mt = to_dtype(masks.scalar_type());
   Plan pl = plan_dgrad(dy.data_ptr(), w.data_ptr(), m.data_ptr(), ids.data_ptr(),
                        ids.scalar_type() == at::kLong, dx.data_ptr(), batches, all / batches, out_f,
-                       in_f, dtype_size(dt), dtype_size(mt));
+                       in_f, dtype_size(dt), mt);
   check_grid(op, pl);
   launched(op, launch_dgrad(dt, mt, pl, at::cuda::getCurrentCUDAStream()), dt, mt);
   return dx;

@@ -22,10 +22,11 @@
 namespace softtf::cuda {
 
 // Element types as runtime codes (the torch binding and the harness map their dtypes to these).
-enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+// kI8: an int8 mask (softtf_kernels/quant.py), a mask type only.
+enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3, kI8 = 4 };
 
 inline int dtype_size(DType d) {
-  return d == DType::kF64 ? 8 : (d == DType::kF32 ? 4 : 2);
+  return d == DType::kF64 ? 8 : (d == DType::kF32 ? 4 : (d == DType::kI8 ? 1 : 2));
 }
 
 // ------------------------------------------------------------------ software 16-bit types (host)
@@ -98,6 +99,10 @@ struct Num<double> {  // only as an output type (grad_mask with a float64 mask)
   SOFTTF_HD static double from_f(float v) { return double(v); }
 };
 template <>
+struct Num<int8_t> {  // an int8 mask's code, read only (qmask.cuh dequantizes it)
+  SOFTTF_HD static float to_f(int8_t v) { return float(v); }
+};
+template <>
 struct Num<soft_half> {
   static inline float to_f(soft_half v) { return half_bits_to_float(v.bits); }
   static inline soft_half from_f(float v) { return soft_half{float_to_half_bits(v)}; }
@@ -141,6 +146,21 @@ SOFTTF_HD void copy_bytes(void* dst, const void* src) {
 #endif
 }
 
+// Loads VEC elements at p (valid of them; the rest read as 0) into fp32. A 16-byte (or
+// VEC*sizeof(T)-byte) vector load when the chunk is whole and the rows are aligned, else scalar.
+template <class T, int VEC>
+SOFTTF_HD void load_chunk(const T* p, int valid, bool vec, float (&out)[VEC]) {
+  if (vec && valid == VEC) {
+    alignas(16) T tmp[VEC];
+    copy_bytes<VEC * int(sizeof(T))>(tmp, p);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = Num<T>::to_f(tmp[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = j < valid ? Num<T>::to_f(p[j]) : 0.0f;
+  }
+}
+
 // ------------------------------------------------------------------ dtype dispatch
 template <class T>
 struct Tag {
@@ -159,8 +179,9 @@ struct GpuTypes {
 };
 #endif
 
-// Calls f(Tag<T>{}) for the type of code d; float64 only when ALLOW_F64. False if unsupported.
-template <class Types, bool ALLOW_F64, class F>
+// Calls f(Tag<T>{}) for the type of code d; float64 only when ALLOW_F64, int8 only when ALLOW_I8.
+// False if unsupported.
+template <class Types, bool ALLOW_F64, bool ALLOW_I8, class F>
 bool visit_dtype(DType d, F&& f) {
   switch (d) {
     case DType::kF32:
@@ -175,6 +196,12 @@ bool visit_dtype(DType d, F&& f) {
     case DType::kF64:
       if constexpr (ALLOW_F64) {
         f(Tag<double>{});
+        return true;
+      }
+      return false;
+    case DType::kI8:
+      if constexpr (ALLOW_I8) {
+        f(Tag<int8_t>{});
         return true;
       }
       return false;

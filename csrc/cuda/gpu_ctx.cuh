@@ -66,14 +66,15 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
 
 __global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(ReduceParams r);
 
-// Launches family FAM for runtime dtypes t (x/W) and u (mask, or output for kDmask).
+// Launches family FAM for runtime dtypes t (x/W) and u (mask, float or int8; for kDmask the
+// output, float or float64).
 // Returns false (launching nothing) for an unsupported dtype pair.
 template <int FAM>
 bool launch_family(DType t, DType u, const Plan& plan, cudaStream_t stream) {
   if (plan.grid.blocks() == 0) return true;
   bool ok = false;
-  visit_dtype<GpuTypes, false>(t, [&](auto tt) {
-    ok = visit_dtype<GpuTypes, FAM == kDmask>(u, [&](auto ut) {
+  visit_dtype<GpuTypes, false, false>(t, [&](auto tt) {
+    ok = visit_dtype<GpuTypes, FAM == kDmask, FAM != kDmask>(u, [&](auto ut) {
       using T = typename decltype(tt)::type;
       using U = typename decltype(ut)::type;
       constexpr int smem = SmemLayout<T, FamilyTraits<FAM>::A_K, FamilyTraits<FAM>::B_K>::BYTES;

@@ -10,8 +10,8 @@
 namespace softtf::cuda {
 
 // Each returns false (and launches nothing) if the dtype pair is not supported:
-// t = x/W dtype in {f32, f16, bf16}; u = mask dtype in {f32, f16, bf16} (kDmask: output dtype,
-// also f64).
+// t = x/W dtype in {f32, f16, bf16}; u = mask dtype in {f32, f16, bf16, i8 (an int8 mask,
+// dequantized in registers)} (kDmask: output dtype in {f32, f16, bf16, f64}).
 bool launch_fwd(DType t, DType u, const Plan& plan, cudaStream_t stream);      // ml_fwd.cu
 bool launch_dgrad(DType t, DType u, const Plan& plan, cudaStream_t stream);    // ml_dgrad.cu
 bool launch_dmask(DType t, DType u, const Plan& plan, cudaStream_t stream);    // ml_dmask.cu

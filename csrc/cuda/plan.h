@@ -14,13 +14,15 @@
 //   kMixture  out     in   tokens  dy[k, m]          x[k, n]                     Σ C ⊙ W ⊙ M_t per t
 //
 // For mixed_task_linear(_grad_input) the batch z is the sample and the mask is masks[task_ids[z]];
-// for the per-sample mixture the batch z is the sample (its own tokens only).
+// for the per-sample mixture the batch z is the sample (its own tokens only). A mask M may be
+// float or int8 (rows of in codes + 8 tail bytes, see qmask.cuh): M is then its dequantized value.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
+#include "qmask.cuh"
 
 namespace softtf::cuda {
 
@@ -38,8 +40,9 @@ struct GemmParams {
   const void* b;      // B operand (W, or x for kDmask / kMixture), element type T
   int64_t ldb;
   int64_t b_bstride;
-  const void* mask;  // kFwd/kDgrad: mask(s) multiplied into B while staging (same ld as B)
+  const void* mask;  // kFwd/kDgrad: mask(s) multiplied into B while staging (B's layout)
                      // kMixture: masks [T, M, N] of the epilogue
+  int64_t ldm;           // mask row stride: in, or in + 8 for an int8 mask (mask_ld)
   int64_t mask_tstride;  // elements between tasks' masks
   const void* task_ids;  // kFwd/kDgrad: mask of batch z is masks[task_ids[z]]; null: mask 0
   int task_ids_64;       // task_ids are int64 (else int32)
@@ -53,7 +56,9 @@ struct GemmParams {
   int n_tasks;
   int64_t M, N, K;  // per batch
   int vec_a;        // A may be read with 16-byte vector loads (see aligned_rows)
-  int vec_b;        // B (and the mask staged with it) may be read with vector loads
+  int vec_b;        // B may be read with vector loads
+  int vec_m;        // the mask may be read in chunk-wide vector loads; an int8 mask's tails are
+                    // then 4-byte aligned (kMixture: only the latter)
 };
 
 struct Grid {
@@ -69,13 +74,20 @@ struct Plan {
 SOFTTF_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Rows of `ld` elements of `elem` bytes starting at `ptr`, `bstride` elements between batches,
-// can be read with 16-byte vector loads at every 16-byte boundary of a row: base aligned and
-// every row/batch start aligned. (Chunks are VEC = 16 / sizeof(T) elements of a row; a chunk of
-// a mask of another width is VEC * sizeof(mask) bytes, aligned the same way.)
-inline bool aligned_rows(const void* ptr, int64_t ld, int64_t bstride, int elem) {
+// can be read with `align`-byte vector loads at every `align`-byte boundary of a row: base
+// aligned and every row/batch start aligned. (Chunks are VEC = 16 / sizeof(T) elements of a row.)
+inline bool aligned_rows(const void* ptr, int64_t ld, int64_t bstride, int elem, int align = 16) {
   if (ptr == nullptr) return true;
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (ld * elem) % 16 == 0 &&
-         (bstride * elem) % 16 == 0;
+  return reinterpret_cast<uintptr_t>(ptr) % align == 0 && (ld * elem) % align == 0 &&
+         (bstride * elem) % align == 0;
+}
+
+// A mask staged with B in VEC = 16 / elem chunks: a chunk is VEC * mask_elem bytes (4 for an int8
+// mask beside fp32), read as one vector when so aligned. Separate from vec_b, so that W keeps its
+// 16-byte loads whatever the mask's row length (an int8 row is in + 8 bytes).
+inline bool aligned_mask(const void* masks, int64_t ldm, int64_t tstride, int elem, DType mask) {
+  const int me = dtype_size(mask), chunk = (16 / elem) * me;
+  return aligned_rows(masks, ldm, tstride, me, chunk < 16 ? chunk : 16);
 }
 
 inline Grid tile_grid(int64_t M, int64_t N, int64_t Z) {
@@ -87,21 +99,22 @@ inline Grid tile_grid(int64_t M, int64_t N, int64_t Z) {
 }
 
 // y[z] = x[z] (W ⊙ M_z)^T + bias; x: [Z, tokens, in] contiguous, y: [Z, tokens, out].
-// masks: [n_masks, out, in]; task_ids null means the single mask for every batch.
+// masks: [n_masks, out, mask_ld(in)]; task_ids null means the single mask for every batch.
 inline Plan plan_fwd(const void* x, const void* w, const void* masks, const void* task_ids,
                      bool task_ids_64, const void* bias, void* y, int64_t Z, int64_t tokens,
-                     int64_t out_f, int64_t in_f, int elem, int mask_elem) {
+                     int64_t out_f, int64_t in_f, int elem, DType mask) {
   Plan pl;
   GemmParams& p = pl.p;
   p.a = x, p.lda = in_f, p.a_bstride = tokens * in_f;
   p.b = w, p.ldb = in_f, p.b_bstride = 0;
-  p.mask = masks, p.mask_tstride = task_ids ? out_f * in_f : 0;
+  p.mask = masks, p.ldm = mask_ld(in_f, mask), p.mask_tstride = task_ids ? out_f * p.ldm : 0;
   p.task_ids = task_ids, p.task_ids_64 = task_ids_64;
   p.bias = bias;
   p.c = y, p.ldc = out_f, p.c_bstride = tokens * out_f;
   p.M = tokens, p.N = out_f, p.K = in_f;
   p.vec_a = aligned_rows(x, in_f, p.a_bstride, elem);
-  p.vec_b = aligned_rows(w, in_f, 0, elem) && aligned_rows(masks, in_f, p.mask_tstride, mask_elem);
+  p.vec_b = aligned_rows(w, in_f, 0, elem);
+  p.vec_m = aligned_mask(masks, p.ldm, p.mask_tstride, elem, mask);
   pl.grid = tile_grid(p.M, p.N, Z);
   return pl;
 }
@@ -109,17 +122,18 @@ inline Plan plan_fwd(const void* x, const void* w, const void* masks, const void
 // dx[z] = dy[z] (W ⊙ M_z); dy: [Z, tokens, out], dx: [Z, tokens, in].
 inline Plan plan_dgrad(const void* dy, const void* w, const void* masks, const void* task_ids,
                        bool task_ids_64, void* dx, int64_t Z, int64_t tokens, int64_t out_f,
-                       int64_t in_f, int elem, int mask_elem) {
+                       int64_t in_f, int elem, DType mask) {
   Plan pl;
   GemmParams& p = pl.p;
   p.a = dy, p.lda = out_f, p.a_bstride = tokens * out_f;
   p.b = w, p.ldb = in_f, p.b_bstride = 0;
-  p.mask = masks, p.mask_tstride = task_ids ? out_f * in_f : 0;
+  p.mask = masks, p.ldm = mask_ld(in_f, mask), p.mask_tstride = task_ids ? out_f * p.ldm : 0;
   p.task_ids = task_ids, p.task_ids_64 = task_ids_64;
   p.c = dx, p.ldc = in_f, p.c_bstride = tokens * in_f;
   p.M = tokens, p.N = in_f, p.K = out_f;
   p.vec_a = aligned_rows(dy, out_f, p.a_bstride, elem);
-  p.vec_b = aligned_rows(w, in_f, 0, elem) && aligned_rows(masks, in_f, p.mask_tstride, mask_elem);
+  p.vec_b = aligned_rows(w, in_f, 0, elem);
+  p.vec_m = aligned_mask(masks, p.ldm, p.mask_tstride, elem, mask);
   pl.grid = tile_grid(p.M, p.N, Z);
   return pl;
 }
@@ -141,20 +155,21 @@ inline Plan plan_dmask(const void* dy, const void* x, const void* w, void* dm, i
 }
 
 // partial[z, tile, t] = Σ_{tile} (dy_z^T x_z) ⊙ W ⊙ M_t; dy: [Z, tokens, out], x: [Z, tokens, in],
-// masks: [T, out, in]. Z = 1 reduces over every token (per-batch scores).
+// masks: [T, out, mask_ld(in)]. Z = 1 reduces over every token (per-batch scores).
 inline Plan plan_mixture(const void* dy, const void* x, const void* w, const void* masks,
                          int n_tasks, float* partial, int64_t Z, int64_t tokens, int64_t out_f,
-                         int64_t in_f, int elem) {
+                         int64_t in_f, int elem, DType mask) {
   Plan pl;
   GemmParams& p = pl.p;
   p.a = dy, p.lda = out_f, p.a_bstride = tokens * out_f;
   p.b = x, p.ldb = in_f, p.b_bstride = tokens * in_f;
   p.w = w, p.ldw = in_f;
-  p.mask = masks, p.mask_tstride = out_f * in_f, p.n_tasks = n_tasks;
+  p.mask = masks, p.ldm = mask_ld(in_f, mask), p.mask_tstride = out_f * p.ldm, p.n_tasks = n_tasks;
   p.partial = partial;
   p.M = out_f, p.N = in_f, p.K = tokens;
   p.vec_a = aligned_rows(dy, out_f, p.a_bstride, elem);
   p.vec_b = aligned_rows(x, in_f, p.b_bstride, elem);
+  p.vec_m = aligned_rows(masks, p.ldm, p.mask_tstride, dtype_size(mask), 4);  // int8 tails as words
   pl.grid = tile_grid(p.M, p.N, Z);
   return pl;
 }

@@ -6,8 +6,9 @@
 //     a std::barrier for __syncthreads, a heap buffer for shared memory, and an emulation of the
 //     WMMA API for the MMA step.
 // So the index computation, bounds-checked tile loads, the masked staging step (W ⊙ M formed
-// while staging the W tile in shared memory, never in global memory), the MMA/FMA loops and the
-// epilogues below are the same source lines in both.
+// while staging the W tile in shared memory, never in global memory; an int8 M dequantized in
+// registers there, qmask.cuh), the MMA/FMA loops and the epilogues below are the same source
+// lines in both.
 //
 // Ctx interface: tid(), bx(), by(), bz(), gx(), sync(), smem(), and
 //   template <class T, bool A_K, bool B_K> using MmaOps = ... with FragA/FragB/FragC,
@@ -18,6 +19,7 @@
 
 #include "common.cuh"
 #include "plan.h"
+#include "qmask.cuh"
 
 namespace softtf::cuda {
 
@@ -90,24 +92,10 @@ SOFTTF_HD int chunk_valid(int64_t row, int64_t col, int64_t rows, int64_t cols, 
   return v < vec ? int(v) : vec;
 }
 
-// Loads VEC elements at p (valid of them; the rest read as 0) into fp32. A 16-byte (or
-// VEC*sizeof(T)-byte) vector load when the chunk is whole and the rows are aligned, else scalar.
-template <class T, int VEC>
-SOFTTF_HD void load_chunk(const T* p, int valid, bool vec, float (&out)[VEC]) {
-  if (vec && valid == VEC) {
-    alignas(16) T tmp[VEC];
-    copy_bytes<VEC * int(sizeof(T))>(tmp, p);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = Num<T>::to_f(tmp[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = j < valid ? Num<T>::to_f(p[j]) : 0.0f;
-  }
-}
-
 // One R x C tile (C contiguous) of a row-major global matrix, moved global -> registers (fetch,
-// optionally multiplied by a mask of the same layout: the masked staging step) -> shared memory
-// (commit). Thread t owns chunks t, t + NT, ... so consecutive threads read consecutive 16 bytes.
+// optionally multiplied by a mask of the same layout, float or int8 dequantized in registers: the
+// masked staging step) -> shared memory (commit). Thread t owns chunks t, t + NT, ... so
+// consecutive threads read consecutive 16 bytes.
 template <class T, class MT, int R, int C, int VEC, int NT>
 struct TileCopy {
   static constexpr int CPR = C / VEC;
@@ -118,9 +106,10 @@ struct TileCopy {
 
   alignas(16) T v[CHUNKS][VEC];
 
-  // Tile origin (r0, c0) of a rows x cols matrix with row stride ld; outside reads as 0.
-  SOFTTF_HD void fetch(int tid, const T* src, const MaskT* msk, int64_t ld, int64_t r0, int64_t c0,
-                       int64_t rows, int64_t cols, bool vec) {
+  // Tile origin (r0, c0) of a rows x cols matrix with row stride ld (the mask's: mld); outside
+  // reads as 0. vec / vec_m: the matrix's / the mask's rows take vector loads (plan.h).
+  SOFTTF_HD void fetch(int tid, const T* src, int64_t ld, const MaskT* msk, int64_t mld, int64_t r0,
+                       int64_t c0, int64_t rows, int64_t cols, bool vec, bool vec_m) {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
       const int q = tid + i * NT;
@@ -132,7 +121,8 @@ struct TileCopy {
       load_chunk<T, VEC>(src + off, valid, vec, f);
       if constexpr (kMasked) {
         float m[VEC];
-        load_chunk<MT, VEC>(msk + off, valid, vec, m);
+        load_mask_chunk<MT, VEC>(msk, valid > 0 ? gr : 0, valid > 0 ? gc : 0, mld, cols, valid,
+                                 vec_m, m);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) f[j] *= m[j];
       }
@@ -239,7 +229,8 @@ SOFTTF_HD int64_t read_task_id(const GemmParams& p, int64_t z) {
 }
 
 // ------------------------------------------------------------------ the block body
-// T: x/W/dy element type. U: mask type (kFwd, kDgrad, kMixture) or output type (kDmask).
+// T: x/W/dy element type. U: mask type, float or int8 (kFwd, kDgrad, kMixture), or output type
+// (kDmask).
 template <int FAM, class T, class U, class Ctx>
 SOFTTF_HD void gemm_block(Ctx& ctx, const GemmParams& p) {
   using Cfg = TileCfg<T>;
@@ -267,15 +258,15 @@ SOFTTF_HD void gemm_block(Ctx& ctx, const GemmParams& p) {
 
   TileCopy<T, void, L::A_ROWS, L::A_COLS, VEC, NT> ta;
   TileCopy<T, MaskB, L::B_ROWS, L::B_COLS, VEC, NT> tb;
-  const bool vec_a = p.vec_a != 0, vec_b = p.vec_b != 0;
+  const bool vec_a = p.vec_a != 0, vec_b = p.vec_b != 0, vec_m = p.vec_m != 0;
   // Global (row, col) extents and tile origins in the stored layouts.
   const int64_t a_rows = A_K ? p.M : p.K, a_cols = A_K ? p.K : p.M;
   const int64_t b_rows = B_K ? p.N : p.K, b_cols = B_K ? p.K : p.N;
   auto fetch = [&](int64_t k0) {
-    ta.fetch(tid, A, static_cast<const T*>(nullptr), p.lda, A_K ? m0 : k0, A_K ? k0 : m0, a_rows,
-             a_cols, vec_a);
-    tb.fetch(tid, B, reinterpret_cast<const typename decltype(tb)::MaskT*>(Mb), p.ldb,
-             B_K ? n0 : k0, B_K ? k0 : n0, b_rows, b_cols, vec_b);
+    ta.fetch(tid, A, p.lda, static_cast<const T*>(nullptr), 0, A_K ? m0 : k0, A_K ? k0 : m0,
+             a_rows, a_cols, vec_a, false);
+    tb.fetch(tid, B, p.ldb, reinterpret_cast<const typename decltype(tb)::MaskT*>(Mb), p.ldm,
+             B_K ? n0 : k0, B_K ? k0 : n0, b_rows, b_cols, vec_b, vec_m);
   };
   const int64_t k_tiles = ceil_div(p.K, BK);
 
@@ -357,7 +348,8 @@ SOFTTF_HD void gemm_block(Ctx& ctx, const GemmParams& p) {
     }
   } else {
     static_assert(F::EPI == kEpiMixture);
-    // G ⊙ W in place (0 outside the matrix), then one pass over each task's mask tile.
+    // G ⊙ W in place (0 outside the matrix), then one pass over each task's mask tile (an int8
+    // one dequantized per element from its code and its row's tail, a cached broadcast read).
     const T* W = static_cast<const T*>(p.w);
     for (int idx = tid; idx < BM * BN; idx += NT) {
       const int r = idx / BN, col = idx % BN;
@@ -375,7 +367,8 @@ SOFTTF_HD void gemm_block(Ctx& ctx, const GemmParams& p) {
       for (int idx = tid; idx < BM * BN; idx += NT) {
         const int r = idx / BN, col = idx % BN;
         const int64_t gm = m0 + r, gn = n0 + col;
-        if (gm < p.M && gn < p.N) s += Cs[r * Cfg::LDC_S + col] * Num<U>::to_f(Mt[gm * p.ldw + gn]);
+        if (gm < p.M && gn < p.N)
+          s += Cs[r * Cfg::LDC_S + col] * load_mask_value(Mt, gm, gn, p.ldm, p.N, p.vec_m != 0);
       }
       // (each thread reads back only the C elements it scaled itself: same idx sequence)
       s = block_sum(ctx, red, s);

@@ -230,8 +230,8 @@ template <int FAM>
 bool cpu_launch_family(DType t, DType u, const Plan& plan) {
   if (plan.grid.blocks() == 0) return true;
   bool ok = false;
-  visit_dtype<CpuTypes, false>(t, [&](auto tt) {
-    ok = visit_dtype<CpuTypes, FAM == kDmask>(u, [&](auto ut) {
+  visit_dtype<CpuTypes, false, false>(t, [&](auto tt) {
+    ok = visit_dtype<CpuTypes, FAM == kDmask, FAM != kDmask>(u, [&](auto ut) {
       using T = typename decltype(tt)::type;
       using U = typename decltype(ut)::type;
       constexpr int smem = SmemLayout<T, FamilyTraits<FAM>::A_K, FamilyTraits<FAM>::B_K>::BYTES;

@@ -4,8 +4,9 @@
 // csrc/cuda/tile_gemm.cuh through the CPU context of cpu_ctx.h.
 //
 // Inputs are raw, contiguous buffers (any alignment) in torch's byte layout; dtype codes are
-// softtf::cuda::DType (0 f32, 1 f16, 2 bf16, 3 f64). Every entry point returns 0 on success and
-// 1 for an unsupported dtype pair.
+// softtf::cuda::DType (0 f32, 1 f16, 2 bf16, 3 f64, 4 i8: an int8 mask [.., out, in + 8] in
+// softtf_kernels/quant.py's layout). Every entry point returns 0 on success and 1 for an
+// unsupported dtype pair.
 //
 // Build: g++ -std=c++20 -O2 -shared -fPIC -pthread -I csrc tests/cuda_harness/harness.cpp
 //        [-DSOFTTF_PLANT_BUG]   (a deliberate tail-bound bug, to prove the tests can fail)
@@ -22,14 +23,14 @@ using namespace softtf::cuda::harness;
 namespace {
 int g_last_vec = -1;
 int remember(const Plan& pl, bool ok) {
-  g_last_vec = (pl.p.vec_a ? 1 : 0) | (pl.p.vec_b ? 2 : 0);
+  g_last_vec = (pl.p.vec_a ? 1 : 0) | (pl.p.vec_b ? 2 : 0) | (pl.p.vec_m ? 4 : 0);
   return ok ? 0 : 1;
 }
 }  // namespace
 
 extern "C" {
 
-// vec_a | vec_b << 1 of the last planned launch: which operands took the 16-byte vector path.
+// vec_a | vec_b << 1 | vec_m << 2 of the last planned launch: which operands took the vector path.
 int sth_last_vec() { return g_last_vec; }
 
 int sth_planted_bug() {
@@ -55,16 +56,14 @@ void sth_widen_f16(const uint16_t* in, float* out, int64_t n) {
 int sth_masked_linear(int t, int u, const void* x, const void* w, const void* m, const void* bias,
                       void* y, int64_t tokens, int64_t out_f, int64_t in_f) {
   const DType dt = DType(t), mt = DType(u);
-  Plan pl = plan_fwd(x, w, m, nullptr, false, bias, y, 1, tokens, out_f, in_f, dtype_size(dt),
-                     dtype_size(mt));
+  Plan pl = plan_fwd(x, w, m, nullptr, false, bias, y, 1, tokens, out_f, in_f, dtype_size(dt), mt);
   return remember(pl, cpu_launch_family<kFwd>(dt, mt, pl));
 }
 
 int sth_grad_input(int t, int u, const void* dy, const void* w, const void* m, void* dx,
                    int64_t tokens, int64_t out_f, int64_t in_f) {
   const DType dt = DType(t), mt = DType(u);
-  Plan pl = plan_dgrad(dy, w, m, nullptr, false, dx, 1, tokens, out_f, in_f, dtype_size(dt),
-                       dtype_size(mt));
+  Plan pl = plan_dgrad(dy, w, m, nullptr, false, dx, 1, tokens, out_f, in_f, dtype_size(dt), mt);
   return remember(pl, cpu_launch_family<kDgrad>(dt, mt, pl));
 }
 
@@ -80,7 +79,7 @@ int sth_mixed_linear(int t, int u, const void* x, const void* w, const void* mas
                      int64_t tokens, int64_t out_f, int64_t in_f) {
   const DType dt = DType(t), mt = DType(u);
   Plan pl = plan_fwd(x, w, masks, task_ids, task_ids_64, bias, y, batch, tokens, out_f, in_f,
-                     dtype_size(dt), dtype_size(mt));
+                     dtype_size(dt), mt);
   return remember(pl, cpu_launch_family<kFwd>(dt, mt, pl));
 }
 
@@ -89,7 +88,7 @@ int sth_mixed_grad_input(int t, int u, const void* dy, const void* w, const void
                          int64_t tokens, int64_t out_f, int64_t in_f) {
   const DType dt = DType(t), mt = DType(u);
   Plan pl = plan_dgrad(dy, w, masks, task_ids, task_ids_64, dx, batch, tokens, out_f, in_f,
-                       dtype_size(dt), dtype_size(mt));
+                       dtype_size(dt), mt);
   return remember(pl, cpu_launch_family<kDgrad>(dt, mt, pl));
 }
 
@@ -103,7 +102,7 @@ int sth_mixture(int t, int u, const void* dy, const void* x, const void* w, cons
   std::vector<float> partial(size_t(std::max<int64_t>(1, batch * tiles * n_tasks)),
                              std::numeric_limits<float>::quiet_NaN());
   Plan pl = plan_mixture(dy, x, w, masks, n_tasks, partial.data(), batch, tokens, out_f, in_f,
-                         dtype_size(dt));
+                         dtype_size(dt), mt);
   const bool ok = cpu_launch_family<kMixture>(dt, mt, pl);
   if (ok) cpu_reduce_partials(ReduceParams{partial.data(), out, batch, tiles, n_tasks});
   return remember(pl, ok);
