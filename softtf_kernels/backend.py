@@ -128,6 +128,7 @@ def available_backends(device: str | torch.device = "cpu", op: str = "masked_lin
 # The masked-linear family: cuBLAS on W ⊙ M (the reference) beat both fused kernels at every shape
 # measured (the Triton kernel took 1.6-6x the eager time, the CUDA C++ WMMA kernel ~10x), so
 # `auto` takes it there and the kernels run only when named. routed_lora: CUDA C++ beat Triton.
+# int8 masks are the exception (see _cuda_auto): for them the masked-linear ops take INT8_MASK_ORDER.
 _MASKED = ("reference",)
 CUDA_AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "masked_linear": _MASKED, "masked_linear_grad_input": _MASKED, "masked_linear_grad_mask": _MASKED,
@@ -137,8 +138,20 @@ CUDA_AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-def _cuda_auto(op: str, has_f64: bool) -> str:
-    for name in CUDA_AUTO_ORDER.get(op, ("triton", "cuda", "reference")):
+# The ops that read masks, and what `auto` runs on CUDA when a mask is int8 (softtf_kernels.quant):
+# the reference would dequantize the whole mask in memory, 4x the bytes the int8 layout exists to
+# save, before cuBLAS reads it again; the Triton kernel reads the codes and dequantizes in registers.
+# (Chosen for those bytes; not yet timed against the reference on a GPU.)
+INT8_MASK_OPS = ("masked_linear", "masked_linear_grad_input", "mask_mixture_grad", "mixed_task_linear",
+                 "mixed_task_linear_grad_input")
+INT8_MASK_ORDER = ("triton", "reference")
+
+
+def _cuda_auto(op: str, has_f64: bool, has_int8: bool) -> str:
+    order = CUDA_AUTO_ORDER.get(op, ("triton", "cuda", "reference"))
+    if has_int8 and op in INT8_MASK_OPS:
+        order = INT8_MASK_ORDER
+    for name in order:
         if name == "triton" and triton_available() and not has_f64 and _triton_has(op):
             return name
         if name == "cuda" and cuda_available(op) and not has_f64:
@@ -163,11 +176,12 @@ def choose(op: str, device: torch.device, setting: str, dtypes: tuple[torch.dtyp
     name = setting
     device_type = device.type
     has_f64 = torch.float64 in dtypes
+    has_int8 = torch.int8 in dtypes  # an int8 mask: dtypes holds every tensor argument's (registry.py)
     if name == "auto":
         if device_type == "cpu":
             name = "cpp" if cpp_available(op) else "reference"
         elif device_type == "cuda":
-            name = _cuda_auto(op, has_f64)
+            name = _cuda_auto(op, has_f64, has_int8)
         else:
             name = "reference"
     if name == "reference":

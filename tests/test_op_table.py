@@ -9,6 +9,7 @@ import torch
 import softtf_kernels
 from softtf_kernels import backend, cpu_attention, ops, reference, table, validate
 from softtf_kernels import triton as triton_ops
+from softtf_kernels.quant import quantize_mask
 
 from helpers import assert_close_rel, rand, rand_mask
 
@@ -180,6 +181,35 @@ def test_auto_on_cuda_follows_the_measured_order(monkeypatch):
         assert backend.choose("routed_lora", cuda, "auto", (torch.bfloat16,) * 3, False) == "triton"
         # Named explicitly, a kernel still runs (auto's order never hides one).
         assert backend.choose("masked_linear", cuda, "triton", (torch.bfloat16,) * 3, False) == "triton"
+    finally:
+        backend.choose.cache_clear()
+
+
+def test_auto_on_cuda_runs_int8_masks_on_triton(monkeypatch, gen):
+    """An int8 mask sends the ops that read masks to Triton under `auto` on CUDA (the reference
+    would dequantize the whole mask in memory), or to the reference without triton or with float64;
+    the dtypes the dispatcher passes include the mask's."""
+    cuda = torch.device("cuda")
+    assert set(backend.INT8_MASK_OPS) == {n for n in table.ALL_NAMES if {"mask", "masks"} & set(_schema_args(n))}
+    seen = []
+    real = backend.resolve
+    monkeypatch.setattr(backend, "resolve", lambda op, dev, dtypes=(): seen.append((op, dtypes)) or real(op, dev, dtypes))
+    w = rand((7, 12), torch.float32, gen)
+    torch.ops.softtf.masked_linear(rand((3, 12), torch.float32, gen), w, quantize_mask(rand_mask((7, 12), torch.float32, gen)))
+    assert seen == [("masked_linear", (torch.float32, torch.float32, torch.int8))]
+    backend.choose.cache_clear()
+    monkeypatch.setattr(backend, "cuda_available", lambda op="masked_linear": True)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    try:
+        for op in backend.INT8_MASK_OPS:
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                assert backend.choose(op, cuda, "auto", (dt, dt, torch.int8), False) == "triton", op
+                assert backend.choose(op, cuda, "auto", (dt, dt, dt), False) == backend.CUDA_AUTO_ORDER[op][0], op
+            assert backend.choose(op, cuda, "auto", (torch.float64, torch.float64, torch.int8), False) == "reference"
+            assert backend.choose(op, cuda, "cuda", (torch.float32, torch.float32, torch.int8), False) == "cuda"  # named
+        monkeypatch.setattr(backend, "triton_available", lambda: False)
+        backend.choose.cache_clear()
+        assert backend.choose("masked_linear", cuda, "auto", (torch.float16, torch.float16, torch.int8), False) == "reference"
     finally:
         backend.choose.cache_clear()
 

@@ -33,8 +33,11 @@ by default so results match the fp32 oracle to ~1e-5; set the environment variab
 ``set_fp32_precision("tf32")``, to trade ~1e-3 relative error for tensor-core speed.
 
 Supported dtypes: float32, float16, bfloat16 (float64 raises TypeError here; the backend
-dispatcher sends float64 to the reference). Under ``TRITON_INTERPRET=1`` (set before triton is
-imported) the kernels run on CPU tensors, without bf16 and with one small autotune config.
+dispatcher sends float64 to the reference). Masks may also be int8 (``softtf_kernels.quant``,
+[out, in + 8] or [T, out, in + 8], any strides): the kernels load the codes and each row's scale
+and offset bytes and dequantize in registers (``qmask.py``), so ``auto`` on CUDA sends int8 masks
+here. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU
+tensors, without bf16 and with one small autotune config.
 
 torch.compile: the public entry points are opaque ``torch.library`` custom ops
 (``torch.ops.softtf.*``) with fake kernels, so compiled graphs keep them as extern calls to

@@ -2,7 +2,8 @@
 
 Signatures equal those of ``softtf_kernels.reference`` (and of ``torch.ops.softtf.*``). Shape and
 device checks live in ``softtf_kernels.validate`` and run before the dispatcher calls these;
-here only what the kernels themselves need is checked (dtype support).
+here only what the kernels themselves need is checked (dtype support, and the [out, in + 8]
+layout of an int8 mask, whose tail the kernels read after the in codes of each row).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import triton
 from torch import Tensor
 
 from ..common import acc_dtype, new_output
+from ..quant import QMASK_DTYPE, QMASK_TAIL
 from . import kernels as K
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_MASK_ARGS = ("mask", "masks")  # these may also be int8 masks (softtf_kernels.quant's layout)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
@@ -58,9 +61,12 @@ def _check(op: str, **tensors: Tensor) -> None:
             "triton (torch.compile, timm and transformers can import it)"
         )
     for name, t in tensors.items():
+        if name in _MASK_ARGS and t.dtype == QMASK_DTYPE:
+            continue
         if t.dtype not in _SUPPORTED:
+            what = ", bfloat16 or int8 (a quantized mask)" if name in _MASK_ARGS else " or bfloat16"
             raise TypeError(
-                f"softtf_kernels.triton.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype} "
+                f"softtf_kernels.triton.{op}: {name} must be float32, float16{what}, got {t.dtype} "
                 "(use the reference backend for other dtypes)"
             )
         if K.INTERPRET and t.dtype == torch.bfloat16:
@@ -73,6 +79,19 @@ def _check(op: str, **tensors: Tensor) -> None:
 def _check_dtype_arg(op: str, name: str, dtype: torch.dtype) -> None:
     if dtype not in _SUPPORTED:
         raise TypeError(f"softtf_kernels.triton.{op}: {name} must be float32, float16 or bfloat16, got {dtype}")
+
+
+def _quantized(op: str, name: str, mask: Tensor, weight: Tensor) -> bool:
+    """Whether ``mask`` is an int8 mask; if so, checked to be [..., out, in + 8], for the kernels
+    read each row's scale and offset after its in codes (validate.py checks this for the ops too;
+    these functions may be called directly)."""
+    if mask.dtype != QMASK_DTYPE:
+        return False
+    want = (weight.shape[0], weight.shape[1] + QMASK_TAIL)
+    if tuple(mask.shape[-2:]) != want:
+        raise ValueError(f"softtf_kernels.triton.{op}: {name} is an int8 mask, so it must end in [out, in + "
+                         f"{QMASK_TAIL}] = {list(want)}, got shape {tuple(mask.shape)}")
+    return True
 
 
 def _device_ctx(t: Tensor):
@@ -134,9 +153,10 @@ def _masked_mm(op: str, a: Tensor, weight: Tensor, masks: Tensor, bias: Tensor |
                task_ids: Tensor | None, transpose_w: bool, n_groups: int) -> Tensor:
     """Shared launcher: forward (transpose_w=False) and grad-input (True), single or mixed task.
 
-    ``masks`` is [T, out, in] (T = 1 for a single mask, as a view).
+    ``masks`` is [T, out, in] (T = 1 for a single mask, as a view), or [T, out, in + 8] int8.
     """
     out_f, in_f = weight.shape
+    quant = _quantized(op, "mask" if task_ids is None else "masks", masks, weight)
     if transpose_w:  # dx = dy (W ⊙ M): reduce over out, columns over in
         red, cols = out_f, in_f
         w_sk, w_sn = weight.stride(0), weight.stride(1)
@@ -174,7 +194,7 @@ def _masked_mm(op: str, a: Tensor, weight: Tensor, masks: Tensor, bias: Tensor |
             bias.stride(0) if bias is not None else 0, cols, 1,
             _rows_key(rows), int(w_sk == 1),
             A_FLAT=flat, HAS_BIAS=bias is not None, HAS_TASKS=task_ids is not None,
-            PRECISION=_precision(a.dtype),
+            PRECISION=_precision(a.dtype), QMASK=(2 if transpose_w else 1) if quant else 0,
         )
     return out
 
@@ -258,6 +278,7 @@ def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor
     [groups, T, tiles] fp32 partial buffer is then summed (deterministic, no atomics).
     """
     _check("mask_mixture_grad", grad_out=grad_out, x=x, weight=weight, masks=masks)
+    quant = _quantized("mask_mixture_grad", "masks", masks, weight)
     out_f, in_f = weight.shape
     n_tasks = masks.shape[0]
     tokens = math.prod(x.shape[:-1])
@@ -294,7 +315,7 @@ def mask_mixture_grad(grad_out: Tensor, x: Tensor, weight: Tensor, masks: Tensor
             weight.stride(0), weight.stride(1),
             masks.stride(0), masks.stride(1), masks.stride(2),
             _rows_key(chunk),
-            DY_FLAT=dflat, X_FLAT=xflat, PRECISION=_precision(x.dtype),
+            DY_FLAT=dflat, X_FLAT=xflat, PRECISION=_precision(x.dtype), QMASK=quant,
         )
     # Partials are laid out [g, t, tile] with the launched tile count as row length.
     tiles = used["tiles"]

@@ -12,12 +12,18 @@ The Python wrappers that allocate outputs, flatten leading dims and launch these
 - Every accumulation is fp32. The masked weight ``W * M`` is formed in fp32 in registers, one
   tile at a time, and cast to the operand dtype right before ``tl.dot``: it never exists in
   memory, in full or in part.
+- An int8 mask (``softtf_kernels.quant``) is read as its codes, dequantized in registers with
+  its rows' scale and offset (``qmask.py``); ``QMASK`` (constexpr) says which tile axis its
+  rows lie along.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 import triton.language.standard as _std
+
+from .qmask import dequant, qmask_rows
+from .tiles import row_offsets, tokens_gemm
 
 # Whether these kernels were built for the CPU interpreter (decided by triton at decoration,
 # from TRITON_INTERPRET): then every autotuned kernel gets exactly one small config.
@@ -201,17 +207,6 @@ def _mix_prune(configs, nargs, **kwargs):
                   {"BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_T": "CHUNK"}, _gm_smem)
 
 
-# ------------------------------------------------------------------------------------ helpers
-@triton.jit
-def _row_offsets(rows, L1, S0, S1, FLAT: tl.constexpr):
-    # int64: activations of big batches exceed 2^31 elements long before W does.
-    r = rows.to(tl.int64)
-    if FLAT:
-        return r * S1
-    else:
-        return (r // L1) * S0 + (r % L1) * S1
-
-
 # ------------------------------------------------------------------------------------ kernels
 @triton.autotune(
     configs=MM_CONFIGS,
@@ -229,7 +224,7 @@ def masked_mm_kernel(
     bias_s, c_sm, c_sn,
     ROWS_KEY, W_RED_CONTIG,  # autotune keys only
     A_FLAT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TASKS: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, QMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     MASKED_FIRST: tl.constexpr,
 ):
@@ -238,7 +233,8 @@ def masked_mm_kernel(
     Forward: A = x, (W ⊙ M)[k, n] = W[n, k] M[n, k]. Grad input: A = dy and the strides are
     swapped so the same code reads (W ⊙ M) untransposed. With HAS_TASKS the rows form N_GROUPS
     groups (samples) of ROWS rows each and group g uses masks[tid[g]] (mixed-task batches);
-    otherwise there is one group of ROWS rows.
+    otherwise there is one group of ROWS rows. QMASK: 0 a float mask; 1 an int8 mask, rows along N
+    (forward); 2 an int8 mask, rows along K (grad input, columns N = in, its tail after them).
     """
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(ROWS, BLOCK_M)
@@ -264,7 +260,9 @@ def masked_mm_kernel(
         m_base = m_ptr + tl.load(tid_ptr + g).to(tl.int64) * m_st
     else:
         m_base = m_ptr
-    a_rows = _row_offsets(rows, a_l1, a_s0, a_s1, A_FLAT)
+    a_rows = row_offsets(rows, a_l1, a_s0, a_s1, A_FLAT)
+    if QMASK == 1:  # int8 forward: the mask rows are the output columns, one scale/offset for all K
+        ns, no = qmask_rows(m_base, rn, col_ok, m_sn, m_sk, K)
     if MASKED_FIRST:
         # C^T = (W ⊙ M) A^T: the masked tile, made in registers, is the dot's first operand, which
         # Hopper's wgmma may take from registers; as the second operand it must go through shared
@@ -283,6 +281,10 @@ def masked_mm_kernel(
                 at = tl.load(at_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 mk = tl.load(mk_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if QMASK == 2:  # int8 grad input: the mask rows are this step's reduction rows
+                ns, no = qmask_rows(m_base, kt * BLOCK_K + rk, rk < K - kt * BLOCK_K, m_sk, m_sn, N)
+            if QMASK != 0:
+                mk = dequant(mk, ns, no, QMASK - 1)  # tile [N, K]: rows on axis 0 forward, 1 grad input
             # The fusion: W ⊙ M in fp32 registers, rounded once to the operand dtype.
             bt = (w.to(tl.float32) * mk.to(tl.float32)).to(at.dtype)
             acc_t = tl.dot(bt, at, acc_t, input_precision=PRECISION)
@@ -305,6 +307,10 @@ def masked_mm_kernel(
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 mk = tl.load(mk_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if QMASK == 2:
+                ns, no = qmask_rows(m_base, kt * BLOCK_K + rk, rk < K - kt * BLOCK_K, m_sk, m_sn, N)
+            if QMASK != 0:
+                mk = dequant(mk, ns, no, 2 - QMASK)  # tile [K, N]: rows on axis 1 forward, 0 grad input
             b = (w.to(tl.float32) * mk.to(tl.float32)).to(a.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * a_sk
@@ -315,26 +321,6 @@ def masked_mm_kernel(
         acc += tl.load(bias_ptr + rn * bias_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * c_sm + rn[None, :] * c_sn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _tokens_gemm(dy_ptr, x_ptr, t_start, t_end, rn, n_ok, rk, k_ok,
-                 dy_l1, dy_s0, dy_s1, dy_sn, x_l1, x_s0, x_s1, x_sk,
-                 DY_FLAT: tl.constexpr, X_FLAT: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """fp32 tile of dy^T x over tokens [t_start, t_end): [BLOCK_N (out), BLOCK_K (in)]."""
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    dy_cols = rn[:, None] * dy_sn
-    x_cols = rk[None, :] * x_sk
-    for t0 in range(t_start, t_end, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        t_ok = rt < t_end
-        dy_rows = _row_offsets(rt, dy_l1, dy_s0, dy_s1, DY_FLAT)
-        x_rows = _row_offsets(rt, x_l1, x_s0, x_s1, X_FLAT)
-        dyt = tl.load(dy_ptr + dy_cols + dy_rows[None, :], mask=n_ok[:, None] & t_ok[None, :], other=0.0)
-        xt = tl.load(x_ptr + x_rows[:, None] + x_cols, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(dyt, xt, acc, input_precision=PRECISION)
-    return acc
 
 
 @triton.autotune(
@@ -376,9 +362,9 @@ def grad_mask_kernel(
     k_ok = rk < K
     t_start = s * CHUNK
     t_end = min(t_start + CHUNK, TOKENS)
-    acc = _tokens_gemm(dy_ptr, x_ptr, t_start, t_end, rn, n_ok, rk, k_ok,
-                       dy_l1, dy_s0, dy_s1, dy_sn, x_l1, x_s0, x_s1, x_sk,
-                       DY_FLAT, X_FLAT, PRECISION, BLOCK_N, BLOCK_K, BLOCK_T)
+    acc = tokens_gemm(dy_ptr, x_ptr, t_start, t_end, rn, n_ok, rk, k_ok,
+                      dy_l1, dy_s0, dy_s1, dy_sn, x_l1, x_s0, x_s1, x_sk,
+                      DY_FLAT, X_FLAT, PRECISION, BLOCK_N, BLOCK_K, BLOCK_T)
     ok = n_ok[:, None] & k_ok[None, :]
     o_ptrs = out_ptr + s.to(tl.int64) * o_ss + rn[:, None] * o_sn + rk[None, :] * o_sk
     if PARTIAL:
@@ -416,7 +402,7 @@ def mixture_grad_kernel(
     w_sn, w_sk,
     m_st, m_sn, m_sk,
     TOK_KEY,  # autotune key only
-    DY_FLAT: tl.constexpr, X_FLAT: tl.constexpr, PRECISION: tl.constexpr,
+    DY_FLAT: tl.constexpr, X_FLAT: tl.constexpr, PRECISION: tl.constexpr, QMASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """part[g, t, tile] = sum_{tile} (dy_g^T x_g) ⊙ W ⊙ M_t for token group g.
@@ -438,13 +424,17 @@ def mixture_grad_kernel(
     k_ok = rk < K
     t_start = g * CHUNK
     t_end = min(t_start + CHUNK, TOKENS)
-    acc = _tokens_gemm(dy_ptr, x_ptr, t_start, t_end, rn, n_ok, rk, k_ok,
-                       dy_l1, dy_s0, dy_s1, dy_sn, x_l1, x_s0, x_s1, x_sk,
-                       DY_FLAT, X_FLAT, PRECISION, BLOCK_N, BLOCK_K, BLOCK_T)
+    acc = tokens_gemm(dy_ptr, x_ptr, t_start, t_end, rn, n_ok, rk, k_ok,
+                      dy_l1, dy_s0, dy_s1, dy_sn, x_l1, x_s0, x_s1, x_sk,
+                      DY_FLAT, X_FLAT, PRECISION, BLOCK_N, BLOCK_K, BLOCK_T)
     ok = n_ok[:, None] & k_ok[None, :]
     tile_off = rn[:, None] * m_sn + rk[None, :] * m_sk
     gw = acc * tl.load(w_ptr + rn[:, None] * w_sn + rk[None, :] * w_sk, mask=ok, other=0.0).to(tl.float32)
     out = part_ptr + g.to(tl.int64) * T * n_tiles + tile
     for t in range(0, T):
-        mk = tl.load(masks_ptr + t * m_st + tile_off, mask=ok, other=0.0).to(tl.float32)
+        mk = tl.load(masks_ptr + t * m_st + tile_off, mask=ok, other=0.0)
+        if QMASK:  # int8: each task's rows have their own scale/offset
+            ms, mo = qmask_rows(masks_ptr + t * m_st, rn, n_ok, m_sn, m_sk, K)
+            mk = dequant(mk, ms, mo, 0)
+        mk = mk.to(tl.float32)
         tl.store(out + t * n_tiles, tl.sum(tl.sum(gw * mk, axis=1), axis=0))
